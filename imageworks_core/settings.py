@@ -1,0 +1,134 @@
+"""The one settings object: deployment root, every derived path, and every environment setting.
+
+Resolution order for the root: an explicit ``root`` argument (the CLI's ``--root``), else ``IMAGEWORKS_ROOT``,
+else the current directory. Nothing else in the code base hard-codes a path under the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment-driven settings; paths are derived properties of ``root``."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=True, extra="ignore")
+
+    root: Path = Field(default_factory=Path.cwd, validation_alias="IMAGEWORKS_ROOT")
+    profile: str | None = Field(default=None, validation_alias="IMAGEWORKS_PROFILE")
+    model_root: Path | None = Field(default=None, validation_alias="IMAGEWORKS_MODEL_ROOT")
+    dashboard_port: int = Field(default=8501, validation_alias="IMAGEWORKS_DASHBOARD_PORT")
+    api_token: str | None = Field(default=None, validation_alias="IMAGEWORKS_API_TOKEN")
+    actor: str | None = Field(default=None, validation_alias="IMAGEWORKS_ACTOR")
+    # Single-port runtime (names kept from the original chat proxy so existing deployments carry over).
+    vllm_host: str = Field(default="127.0.0.1", validation_alias="CHAT_PROXY_VLLM_HOST")
+    vllm_port: int = Field(default=24001, validation_alias="CHAT_PROXY_VLLM_PORT")
+    vllm_start_timeout_s: float = Field(default=600.0, validation_alias="CHAT_PROXY_VLLM_START_TIMEOUT_S")
+    vllm_stop_timeout_s: float = Field(default=15.0, validation_alias="CHAT_PROXY_VLLM_STOP_TIMEOUT_S")
+    vllm_health_path: str = Field(default="/health", validation_alias="CHAT_PROXY_VLLM_HEALTH_PATH")
+    vllm_gpu_memory_utilization: float | None = Field(
+        default=None, validation_alias="CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION"
+    )
+    vllm_extra_args: str = Field(default="", validation_alias="CHAT_PROXY_VLLM_EXTRA_ARGS")
+    gpu_overhead_factor: float = Field(default=1.2, validation_alias="IMAGEWORKS_GPU_OVERHEAD_FACTOR")
+
+    def model_post_init(self, __context: object) -> None:
+        self.root = self.root.expanduser().resolve()
+
+    # Paths under the root -------------------------------------------------------------------------------
+    @property
+    def configs_dir(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def curated_path(self) -> Path:
+        return self.configs_dir / "model_registry.curated.json"
+
+    @property
+    def discovered_path(self) -> Path:
+        return self.configs_dir / "model_registry.discovered.json"
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.configs_dir / "model_registry.json"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.configs_dir / "locks"
+
+    @property
+    def locations_path(self) -> Path:
+        return self.configs_dir / "locations.json"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / "_staging"
+
+    @property
+    def active_state_path(self) -> Path:
+        return self.staging_dir / "active_vllm.json"
+
+    @property
+    def activation_lock_path(self) -> Path:
+        return self.staging_dir / "active_vllm.lock"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.logs_dir / "model_loader.log"
+
+    @property
+    def backend_logs_dir(self) -> Path:
+        return self.logs_dir / "backends"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def history_db_path(self) -> Path:
+        return self.state_dir / "history.sqlite3"
+
+    def resolve_path(self, value: str | os.PathLike[str]) -> Path:
+        """Resolve a registry path: ``~`` expanded, relative paths taken from the root."""
+        path = Path(os.path.expandvars(str(value))).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def env_sources(self) -> list[tuple[str, str, str]]:
+        """Every setting as (env var, effective value, 'env' or 'default') for display."""
+        rows = []
+        for name, field in type(self).model_fields.items():
+            alias = field.validation_alias
+            if not isinstance(alias, str):
+                continue
+            value = getattr(self, name)
+            rows.append((alias, "" if value is None else str(value), "env" if alias in os.environ else "default"))
+        return rows
+
+
+def get_settings(root: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings for ``root`` (when given) or from the environment."""
+    if root is not None:
+        return Settings(IMAGEWORKS_ROOT=Path(root))
+    return Settings()
+
+
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slugify(name: str) -> str:
+    """A file-name-safe slug for a logical name (``qwen3-vl_(FP8)`` -> ``qwen3-vl_FP8``)."""
+    slug = re.sub(r"_+", "_", _SLUG_UNSAFE.sub("_", name)).strip("._-") or "entry"
+    if slug != name:
+        # Two names that differ only in unsafe characters must not share a file.
+        slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return slug
