@@ -1,0 +1,26 @@
+# Quick start: `make run` (dashboard on the bundled demo registry) and `make test` (the whole suite).
+# Both bootstrap uv (python3 -m pip install uv) when it is missing.
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+PORT ?= 8501
+
+.PHONY: run test bootstrap lint bench clean
+
+bootstrap:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@$(UV) sync --frozen --quiet
+
+run: bootstrap
+	IMAGEWORKS_ROOT=$(CURDIR) $(UV) run imageworks-dashboard --port $(PORT)
+
+test: bootstrap
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(UV) run --frozen ruff check .
+
+bench: bootstrap
+	$(UV) run --frozen python bench/registry_load.py
+
+clean:
+	rm -rf _staging logs state configs/model_registry.json .pytest_cache

@@ -1,0 +1,1 @@
+"""Runbook-compatible entry points (``imageworks.model_loader.registry``); the code lives in ``imageworks_core``."""

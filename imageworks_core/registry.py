@@ -1,0 +1,509 @@
+"""The layered registry: curated (operator decisions) over discovered (machine facts), merged per field.
+
+Precedence: curated wins wherever it sets a value; an explicit ``null`` in curated clears the field; nested
+objects merge key by key; lists are replaced whole; the discovered layer fills the rest. ``version_lock`` lives
+only in curated, so rebuilding the discovered overlay can never drop a lock.
+
+Loading never writes. ``load_registry()`` caches by the files' (mtime_ns, size, inode) and re-reads only when
+they change (or with ``force=True``). Every write through :func:`edit_layer` takes a file lock, validates the
+would-be merged registry, replaces the file atomically, keeps the previous text as a revision in the history
+DB, and regenerates the merged snapshot ``configs/model_registry.json`` in the same locked step.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import sys
+import threading
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, TypeAdapter
+
+from . import audit, history
+from .errors import RegistryError, UnknownModelError, ValidationError
+from .registry_file import RegistryText, atomic_write_text, parse_entries, read_registry_text, splice
+from .schema import ModelEntry
+from .settings import Settings, get_settings
+
+Layer = Literal["curated", "discovered"]
+CURATED_ONLY_FIELDS: frozenset[str] = frozenset({"version_lock"})
+WRITE_LOCK_TIMEOUT_S = 30.0
+_ENTRIES_ADAPTER = TypeAdapter(list[ModelEntry])
+
+
+@dataclass
+class Registry:
+    """A validated, merged registry: entries by name (curated order first), plus the raw layers."""
+
+    settings: Settings
+    entries: dict[str, ModelEntry]
+    curated: dict[str, dict[str, Any]]
+    discovered: dict[str, dict[str, Any]]
+    stamp: tuple[Any, ...] = ()
+    _lookup: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Name, then alias, then served id: later passes never override an earlier, stronger match.
+        for entry in self.entries.values():
+            self._lookup.setdefault(entry.name, entry.name)
+        for entry in self.entries.values():
+            for alias in entry.model_aliases:
+                self._lookup.setdefault(alias, entry.name)
+        for entry in self.entries.values():
+            if entry.served_model_id:
+                self._lookup.setdefault(entry.served_model_id, entry.name)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> typing.Iterator[ModelEntry]:
+        return iter(self.entries.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry for a logical name, alias or served id; UnknownModelError with close matches."""
+        key = self._lookup.get(name)
+        if key is None:
+            close = difflib.get_close_matches(name, list(self._lookup), n=3, cutoff=0.5)
+            hint = f" — did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UnknownModelError(
+                f"unknown model {name!r}{hint} (see `imageworks-models list --include-testing`)",
+                name=name,
+                close_matches=close,
+            )
+        return self.entries[key]
+
+    def layer_of(self, name: str) -> str:
+        """'curated', 'discovered' or 'curated+discovered'."""
+        layers = [layer for layer, raw in (("curated", self.curated), ("discovered", self.discovered)) if name in raw]
+        return "+".join(layers)
+
+    def provenance(self, name: str) -> dict[str, str]:
+        """For each field path of the merged entry: the layer it came from (or 'default')."""
+        curated, discovered = self.curated.get(name, {}), self.discovered.get(name, {})
+        data = self.entries[name].model_dump(mode="json")
+        result: dict[str, str] = {}
+
+        def walk(value: Any, cur: Any, disc: Any, prefix: str) -> None:
+            for key, sub in value.items():
+                path = f"{prefix}{key}"
+                cur_has = isinstance(cur, dict) and key in cur
+                disc_has = isinstance(disc, dict) and key in disc
+                if isinstance(sub, dict) and sub and (cur_has or disc_has):
+                    walk(sub, cur.get(key) if cur_has else None, disc.get(key) if disc_has else None, path + ".")
+                elif cur_has:
+                    result[path] = "curated (cleared)" if cur[key] is None else "curated"
+                elif disc_has:
+                    result[path] = "discovered"
+                else:
+                    result[path] = "default"
+
+        walk(data, curated, discovered, "")
+        return result
+
+    def weights_present(self, name: str) -> bool:
+        entry = self.entries[name]
+        return bool(entry.download_path) and self.settings.resolve_path(entry.download_path).exists()
+
+
+# Merging and validation -----------------------------------------------------------------------------------
+def merge_values(discovered: dict[str, Any], curated: dict[str, Any]) -> dict[str, Any]:
+    """Per-field merge: curated wins, nested dicts merge recursively, lists replace, ``None`` clears."""
+    result = dict(discovered)
+    for key, value in curated.items():
+        base = result.get(key)
+        if isinstance(value, dict) and isinstance(base, dict):
+            result[key] = merge_values(base, value)
+        else:
+            result[key] = value
+    return result
+
+
+def _drop_nulls(value: dict[str, Any]) -> dict[str, Any]:
+    # A cleared field falls back to its default (None for optional fields, [] / {} for collections).
+    return {k: (_drop_nulls(v) if isinstance(v, dict) else v) for k, v in value.items() if v is not None}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last element of ``loc`` (for 'did you mean' suggestions)."""
+    model: type[BaseModel] = ModelEntry
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return None
+        annotation = info.annotation
+        candidates = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _has_path(raw: Any, loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return False
+    return True
+
+
+def _describe_error(
+    error: Any, name: str, curated: dict[str, Any] | None, discovered: dict[str, Any] | None, settings: Settings
+) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in loc) if loc else "(entry)"
+    if curated is not None and _has_path(curated, loc):
+        where = settings.curated_path
+    elif discovered is not None and _has_path(discovered, loc):
+        where = settings.discovered_path
+    else:
+        where = settings.curated_path if curated is not None else settings.discovered_path
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        valid = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f" — did you mean {close[0]!r}?" if close else f" (valid keys: {', '.join(valid)})"
+        return f"{where}: entry {name!r}: unknown key {path!r}{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    shown = ""
+    if error["type"] != "missing" and not isinstance(value, dict | list):
+        text = json.dumps(value, default=str)
+        shown = f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+    return f"{where}: entry {name!r}: field {path!r}: {message}{shown}"
+
+
+def _index_layer(path: Path, raw_entries: list[Any], layer: Layer, problems: list[str]) -> dict[str, dict[str, Any]]:
+    by_name: dict[str, dict[str, Any]] = {}
+    for index, raw in enumerate(raw_entries):
+        if not isinstance(raw, dict):
+            problems.append(f"{path}: entry #{index + 1}: expected an object, got {type(raw).__name__}")
+            continue
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{path}: entry #{index + 1}: missing 'name' (every entry needs a unique logical name)")
+            continue
+        if name in by_name:
+            problems.append(f"{path}: entry {name!r}: duplicate name (entry #{index + 1}); names must be unique")
+            continue
+        if layer == "discovered":
+            for key in CURATED_ONLY_FIELDS & set(raw):
+                problems.append(
+                    f"{path}: entry {name!r}: {key!r} may only be set in the curated file "
+                    "(the discovered overlay is machine-written)"
+                )
+        by_name[name] = raw
+    return by_name
+
+
+def build_registry(
+    settings: Settings, curated_raw: list[Any], discovered_raw: list[Any], stamp: tuple[Any, ...] = ()
+) -> Registry:
+    """Merge and validate two layers' raw entries. Raises ValidationError listing every problem."""
+    problems: list[str] = []
+    curated = _index_layer(settings.curated_path, curated_raw, "curated", problems)
+    discovered = _index_layer(settings.discovered_path, discovered_raw, "discovered", problems)
+    names = list(curated) + [n for n in discovered if n not in curated]
+    merged = [
+        _drop_nulls(merge_values(discovered.get(n, {}), curated[n]) if n in curated else discovered[n]) for n in names
+    ]
+    try:
+        models = _ENTRIES_ADAPTER.validate_python(merged)
+    except pydantic.ValidationError as exc:
+        for error in exc.errors():
+            index, *rest = error["loc"]
+            name = names[int(index)]
+            error = {**error, "loc": tuple(rest)}
+            problems.append(_describe_error(error, name, curated.get(name), discovered.get(name), settings))
+        models = []
+    if not problems:
+        _check_cross_entry(models, problems, settings)
+    if problems:
+        raise ValidationError(f"registry invalid: {len(problems)} problem(s)", problems)
+    return Registry(settings, {m.name: m for m in models}, curated, discovered, stamp)
+
+
+def _check_cross_entry(models: list[ModelEntry], problems: list[str], settings: Settings) -> None:
+    names = {m.name for m in models}
+    seen_alias: dict[str, str] = {}
+    for model in models:
+        for alias in model.model_aliases:
+            if alias in names and alias != model.name:
+                problems.append(
+                    f"{settings.curated_path}: entry {model.name!r}: alias {alias!r} is another entry's name"
+                )
+            elif alias in seen_alias and seen_alias[alias] != model.name:
+                problems.append(
+                    f"{settings.curated_path}: entry {model.name!r}: alias {alias!r} also used by {seen_alias[alias]!r}"
+                )
+            seen_alias[alias] = model.name
+
+
+# Loading with a stat-keyed cache --------------------------------------------------------------------------
+_CACHE: dict[Path, Registry] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _stamp(settings: Settings) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for path in (settings.curated_path, settings.discovered_path):
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
+def _read_layer(path: Path, problems: list[str]) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: cannot read: {exc}")
+        return []
+    try:
+        return parse_entries(path, text)[0]
+    except RegistryError as exc:
+        problems.extend(exc.lines())
+        return []
+
+
+def load_registry(force: bool = False, settings: Settings | None = None, root: str | Path | None = None) -> Registry:
+    """The merged registry of a root (cached until either layer file changes). Never writes."""
+    settings = settings or get_settings(root)
+    stamp = _stamp(settings)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(settings.root)
+        if cached is not None and not force and cached.stamp == stamp:
+            return cached
+    problems: list[str] = []
+    curated_raw = _read_layer(settings.curated_path, problems)
+    discovered_raw = _read_layer(settings.discovered_path, problems)
+    if problems:
+        raise RegistryError(f"registry cannot be read: {len(problems)} problem(s)", problems)
+    registry = build_registry(settings, curated_raw, discovered_raw, stamp)
+    with _CACHE_LOCK:
+        _CACHE[settings.root] = registry
+    return registry
+
+
+# Writing ----------------------------------------------------------------------------------------------------
+def _layer_path(settings: Settings, layer: Layer) -> Path:
+    return settings.curated_path if layer == "curated" else settings.discovered_path
+
+
+def _lock_for(path: Path) -> FileLock:
+    return FileLock(str(path) + ".lock", timeout=WRITE_LOCK_TIMEOUT_S)
+
+
+def _changed_names(before: list[Any], after: list[Any]) -> list[str]:
+    old = {e.get("name"): e for e in before if isinstance(e, dict)}
+    new = {e.get("name"): e for e in after if isinstance(e, dict)}
+    return sorted(str(n) for n in set(old) | set(new) if old.get(n) != new.get(n))
+
+
+def _write_layer(
+    settings: Settings,
+    layer: Layer,
+    compute: Callable[[RegistryText], tuple[list[Any], str]],
+    *,
+    command: str,
+    actor: str | None,
+) -> Registry:
+    """The one write path: lock, compute new entries + text, validate the merge, keep a revision, replace."""
+    path = _layer_path(settings, layer)
+    actor = actor or audit.current_actor(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _lock_for(path):
+            parsed = read_registry_text(path)
+            entries, new_text = compute(parsed)
+            other_path = _layer_path(settings, "discovered" if layer == "curated" else "curated")
+            problems: list[str] = []
+            other = _read_layer(other_path, problems)
+            if problems:
+                raise RegistryError(f"cannot write {path.name}: {other_path.name} is unreadable", problems)
+            curated_raw, discovered_raw = (entries, other) if layer == "curated" else (other, entries)
+            registry = build_registry(settings, curated_raw, discovered_raw)
+            names = _changed_names(parsed.entries, entries)
+            if new_text == parsed.text:
+                return registry
+            history.record_revision(settings, str(path), parsed.text, new_text, actor, command, names)
+            atomic_write_text(path, new_text)
+            write_snapshot(settings, registry)
+    except Timeout as exc:
+        raise RegistryError(f"{path}: another process holds its lock for over {WRITE_LOCK_TIMEOUT_S:.0f} s") from exc
+    audit.log_event(settings, "registry_write", file=str(path), command=command, names=names)
+    return load_registry(force=True, settings=settings)
+
+
+def edit_layer(
+    settings: Settings,
+    layer: Layer,
+    mutate: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None],
+    *,
+    command: str,
+    actor: str | None = None,
+) -> Registry:
+    """Read-modify-write one layer under its file lock; returns the new merged registry.
+
+    ``mutate`` gets a deep copy of the layer's entries and changes it in place (or returns a new list).
+    The merged result is validated before anything is written: invalid input raises ValidationError and
+    leaves every file untouched. Unchanged entries keep their exact bytes.
+    """
+
+    def compute(parsed: RegistryText) -> tuple[list[Any], str]:
+        entries = copy.deepcopy(parsed.entries)
+        result = mutate(entries)
+        if result is not None:
+            entries = result
+        if _changed_names(parsed.entries, entries) or len(entries) != len(parsed.entries):
+            return entries, splice(parsed, entries)
+        return entries, parsed.text
+
+    return _write_layer(settings, layer, compute, command=command, actor=actor)
+
+
+def replace_layer_text(
+    settings: Settings, layer: Layer, text: str, *, command: str, actor: str | None = None
+) -> Registry:
+    """Replace a whole layer file with ``text`` verbatim (rollback, imports), validating the merge first."""
+    path = _layer_path(settings, layer)
+    return _write_layer(
+        settings, layer, lambda _parsed: (parse_entries(path, text)[0], text), command=command, actor=actor
+    )
+
+
+def write_snapshot(settings: Settings, registry: Registry | None = None) -> Path:
+    """Regenerate ``configs/model_registry.json`` (the merged view, for jq and outside readers)."""
+    registry = registry or load_registry(force=True, settings=settings)
+    data = [entry.model_dump(mode="json", exclude_defaults=True) for entry in registry]
+    path = settings.snapshot_path
+    with _lock_for(path):
+        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def update_entry(
+    settings: Settings,
+    name: str,
+    changes: dict[str, Any],
+    *,
+    layer: Layer = "curated",
+    command: str,
+    create: bool = False,
+) -> Registry:
+    """Set top-level fields of one entry in a layer (a value of ``None`` writes an explicit null)."""
+
+    def mutate(entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            if entry.get("name") == name:
+                entry.update(changes)
+                return
+        if not create:
+            raise UnknownModelError(f"{name!r} is not in the {layer} file {_layer_path(settings, layer)}", name=name)
+        entries.append({"name": name, **changes})
+
+    return edit_layer(settings, layer, mutate, command=command)
+
+
+def rollback(settings: Settings, rev: int, *, command: str | None = None) -> Registry:
+    """Restore a file to the content kept as revision ``rev`` (the rollback is itself a revision)."""
+    row = history.get_revision(settings, rev)
+    if row is None:
+        raise UnknownModelError(f"no revision {rev} (see `imageworks-models history`)")
+    path = Path(row["file"])
+    layer: Layer
+    if path == settings.curated_path:
+        layer = "curated"
+    elif path == settings.discovered_path:
+        layer = "discovered"
+    else:
+        raise RegistryError(f"revision {rev} belongs to {path}, not to this root's registry ({settings.configs_dir})")
+    registry = replace_layer_text(settings, layer, row["before_text"], command=command or f"rollback {rev}")
+    audit.log_event(settings, "rollback", file=str(path), revision=rev)
+    return registry
+
+
+def filter_entries(
+    registry: Registry,
+    *,
+    role: str | None = None,
+    capability: str | None = None,
+    backend: str | None = None,
+    profile: str | None = None,
+    include_testing: bool = False,
+    search: str | None = None,
+) -> list[ModelEntry]:
+    """Entries matching every given filter; testing/deprecated hidden unless ``include_testing``."""
+    out = []
+    needle = (search or "").lower()
+    for entry in registry:
+        if not include_testing and (entry.testing or entry.deprecated):
+            continue
+        if role and role not in entry.roles:
+            continue
+        if capability and not getattr(entry.capabilities, capability, False):
+            continue
+        if backend and entry.backend != backend:
+            continue
+        if profile and entry.profiles and profile not in entry.profiles:
+            continue
+        if needle and not any(
+            needle in (value or "").lower() for value in (entry.name, entry.display_name, entry.served_model_id)
+        ):
+            continue
+        out.append(entry)
+    return out
+
+
+def validate(settings: Settings | None = None) -> Registry:
+    """Force-load and validate; raises RegistryError/ValidationError listing every problem."""
+    return load_registry(force=True, settings=settings)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m imageworks_core.registry --validate [--root DIR] [--write-snapshot]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m imageworks_core.registry")
+    parser.add_argument("--validate", action="store_true", help="validate the registry (exit 0 / 3)")
+    parser.add_argument("--write-snapshot", action="store_true", help="regenerate configs/model_registry.json")
+    parser.add_argument("--root", default=None)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    settings = get_settings(args.root)
+    try:
+        registry = validate(settings)
+    except RegistryError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    if args.write_snapshot:
+        write_snapshot(settings, registry)
+    print(f"registry valid: {len(registry)} entries ({settings.curated_path.name} + {settings.discovered_path.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Registry files on disk: parsing with clear syntax errors, span-preserving edits, atomic replacement.
+
+A registry file is a JSON array of entries, or ``{"$schema": ..., "models": [...]}``. Edits splice only the
+changed entries' text, so a lock toggle is a small reviewable diff and every other byte stays as it was.
+Writes go to a temp file in the same directory, are fsynced, then ``os.replace``d: a reader (or a writer
+killed at any instant) sees the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RegistryError
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+@dataclass
+class RegistryText:
+    """A parsed registry file: its text, its entries and where each entry's text lies."""
+
+    path: Path
+    text: str
+    entries: list[dict[str, Any]]
+    object_form: bool = False
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    array_open: int = 0
+    array_close: int = 0
+
+
+def syntax_error_message(path: Path, exc: json.JSONDecodeError) -> str:
+    """``file:line:col: message`` with the fix, as an editor would point at it."""
+    return (
+        f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg} "
+        "(fix the syntax, e.g. remove a trailing comma, or roll back with `imageworks-models rollback`)"
+    )
+
+
+def parse_entries(path: Path, text: str) -> tuple[list[Any], bool]:
+    """The raw entries of a registry file and whether it uses the object form. Raises RegistryError."""
+    if not text.strip():
+        return [], False
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(syntax_error_message(path, exc)) from exc
+    if isinstance(data, list):
+        return data, False
+    if isinstance(data, dict) and isinstance(data.get("models"), list):
+        extra = sorted(set(data) - {"$schema", "models"})
+        if extra:
+            raise RegistryError(f"{path}: unknown top-level key(s) {', '.join(extra)}; only '$schema' and 'models'")
+        return data["models"], True
+    raise RegistryError(f"{path}: expected a JSON array of entries or an object with a 'models' array")
+
+
+def read_registry_text(path: Path) -> RegistryText:
+    """Read and parse a registry file, locating each entry's span (a missing file reads as empty)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    entries, object_form = parse_entries(path, text)
+    parsed = RegistryText(path=path, text=text, entries=entries, object_form=object_form)
+    if text.strip():
+        _locate_spans(parsed)
+    return parsed
+
+
+def _skip(text: str, index: int) -> int:
+    match = _WS.match(text, index)
+    return match.end() if match else index
+
+
+def _locate_spans(parsed: RegistryText) -> None:
+    text = parsed.text
+    i = _skip(text, 0)
+    if text[i] == "{":
+        i += 1
+        while True:
+            i = _skip(text, i)
+            if text[i] == "}":
+                raise RegistryError(f"{parsed.path}: no 'models' array found")
+            key, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i) + 1  # the ':'
+            i = _skip(text, i)
+            if key == "models":
+                break
+            _, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i)
+            if text[i] == ",":
+                i += 1
+    parsed.array_open = i
+    i += 1
+    while True:
+        i = _skip(text, i)
+        if text[i] == "]":
+            parsed.array_close = i
+            return
+        start = i
+        _, end = _DECODER.raw_decode(text, i)
+        parsed.spans.append((start, end))
+        i = _skip(text, end)
+        if text[i] == ",":
+            i += 1
+
+
+def _indent_at(text: str, index: int) -> str:
+    line_start = text.rfind("\n", 0, index) + 1
+    prefix = text[line_start:index]
+    return prefix if not prefix.strip() else "  "
+
+
+def _line_indent(text: str, index: int) -> str:
+    line_start = text.rfind("\n", 0, index) + 1
+    return text[line_start : _skip_blanks(text, line_start)]
+
+
+def _skip_blanks(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t":
+        index += 1
+    return index
+
+
+def render_entry(entry: dict[str, Any], indent: str, unit: int = 2) -> str:
+    """An entry as pretty JSON (``unit`` spaces per level) whose continuation lines carry ``indent``."""
+    lines = json.dumps(entry, indent=unit, ensure_ascii=False).split("\n")
+    return "\n".join([lines[0], *(indent + line for line in lines[1:])])
+
+
+def render_new_file(entries: list[dict[str, Any]], object_form: bool = False) -> str:
+    """A whole registry file in our canonical layout."""
+    if object_form:
+        return json.dumps({"models": entries}, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+
+
+def splice(parsed: RegistryText, new_entries: list[dict[str, Any]]) -> str:
+    """New file text: entries kept equal keep their exact bytes; changed ones are re-rendered in place.
+
+    ``new_entries`` must keep the surviving old entries in their old relative order (edits never reorder);
+    entries are matched by ``name``. New entries are appended at the end of the array.
+    """
+    if not parsed.text.strip():
+        return render_new_file(new_entries)
+    text = parsed.text
+    if not parsed.spans:
+        outer = _line_indent(text, parsed.array_open)
+        indent = outer + "  "
+        body = ",\n".join(indent + render_entry(e, indent) for e in new_entries)
+        body = "\n" + body + "\n" + outer if new_entries else ""
+        return text[: parsed.array_open + 1] + body + text[parsed.array_close :]
+    old_names = [e.get("name") if isinstance(e, dict) else None for e in parsed.entries]
+    new_by_name = {e.get("name"): e for e in new_entries}
+    kept = {n for n in old_names if n in new_by_name}
+    appended = [e for e in new_entries if e.get("name") not in kept or e.get("name") is None]
+    indent = _indent_at(text, parsed.spans[0][0])
+    unit = max(len(indent) - len(_line_indent(text, parsed.array_close)), 1)
+    pieces: list[str] = []
+    cursor = parsed.array_open + 1
+    survivors: list[str] = []
+    for (start, end), old, name in zip(parsed.spans, parsed.entries, old_names, strict=True):
+        if name in kept:
+            new = new_by_name[name]
+            survivors.append(text[start:end] if new == old else render_entry(new, _indent_at(text, start), unit))
+    # Re-join: keep the original separator text between surviving entries where possible.
+    if len(survivors) == len(parsed.spans):
+        for (start, end), piece in zip(parsed.spans, survivors, strict=True):
+            pieces.append(text[cursor:start])
+            pieces.append(piece)
+            cursor = end
+        tail = text[cursor : parsed.array_close]
+        body = "".join(pieces)
+        for entry in appended:
+            body += ",\n" + indent + render_entry(entry, indent, unit)
+        return text[: parsed.array_open + 1] + body + tail + text[parsed.array_close :]
+    # Some entries were removed: rebuild the array body with the file's indentation.
+    all_pieces = survivors + [render_entry(e, indent, unit) for e in appended]
+    closing_indent = _indent_at(text, parsed.array_close)
+    body = ("\n" + indent + (",\n" + indent).join(all_pieces) + "\n" + closing_indent) if all_pieces else ""
+    return text[: parsed.array_open + 1] + body + text[parsed.array_close :]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via temp file + fsync + ``os.replace`` (+ directory fsync), keeping the file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,232 @@
+"""The registry schema: pydantic models are the single source of truth.
+
+The JSON Schema written by ``imageworks-models schema`` and the README's field table are generated from these
+models. Every model forbids unknown keys so a typo is an error, not a silently ignored field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backend = Literal["vllm", "ollama", "lmdeploy", "openai"]
+PROCESS_BACKENDS: frozenset[str] = frozenset({"vllm", "lmdeploy"})
+"""Backends we start ourselves on the single port."""
+
+CAPABILITY_NAMES: tuple[str, ...] = ("text", "vision", "tools", "embeddings", "reasoning", "audio")
+KNOWN_ROLES: tuple[str, ...] = ("caption", "keywords", "description", "narration", "chat", "embedding")
+DEFAULT_VLLM_LAUNCH: tuple[str, ...] = (
+    "vllm",
+    "serve",
+    "{model_path}",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--served-model-name",
+    "{served_model_id}",
+)
+LAUNCH_PLACEHOLDERS: frozenset[str] = frozenset({"model_path", "port", "host", "served_model_id", "name", "python"})
+
+# Logical names: anything printable except '/', whitespace and control characters.
+_NAME_RE = re.compile(r"^[^\s/\x00-\x1f\x7f]+$")
+
+
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""``{identifier}`` only, so JSON arguments such as ``{"image": 2}`` pass through untouched."""
+
+
+def placeholders_in(arg: str) -> set[str]:
+    """Placeholder names (``{port}`` -> ``port``) used in one argv element."""
+    return set(PLACEHOLDER_RE.findall(arg))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Capabilities(_Strict):
+    """What the model can do; booleans, all default false except ``text``."""
+
+    text: bool = True
+    vision: bool = False
+    tools: bool = False
+    embeddings: bool = False
+    reasoning: bool = False
+    audio: bool = False
+
+    def enabled(self) -> list[str]:
+        return [name for name in CAPABILITY_NAMES if getattr(self, name)]
+
+
+class Source(_Strict):
+    """Where the weights came from."""
+
+    provider: str | None = Field(default=None, description="e.g. huggingface, ollama, local")
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+class BackendConfig(_Strict):
+    """How to reach or start the backend."""
+
+    launch: list[str] | None = Field(
+        default=None,
+        description="argv for process backends; placeholders {model_path} {host} {port} {served_model_id} {name} {python}",
+    )
+    base_url: str | None = Field(default=None, description="remote OpenAI-compatible base URL (…/v1)")
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    env: dict[str, str] = Field(default_factory=dict)
+    extra_args: list[str] = Field(default_factory=list)
+    health_path: str | None = None
+    startup_timeout_s: float | None = Field(default=None, gt=0)
+    api_key_env: str | None = Field(default=None, description="env var holding the remote API key")
+
+    @field_validator("launch", "extra_args")
+    @classmethod
+    def _valid_argv(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not all(isinstance(a, str) and a for a in value):
+            raise ValueError("must be an argv list of non-empty strings (no shell string)")
+        for arg in value:
+            unknown = placeholders_in(arg) - LAUNCH_PLACEHOLDERS
+            if unknown:
+                raise ValueError(
+                    f"unknown placeholder {{{sorted(unknown)[0]}}} in {arg!r}; "
+                    f"valid: {', '.join('{' + p + '}' for p in sorted(LAUNCH_PLACEHOLDERS))}"
+                )
+        return value
+
+    @field_validator("launch")
+    @classmethod
+    def _launch_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("launch must not be empty (omit it to use the backend's default)")
+        return value
+
+
+class ChatTemplate(_Strict):
+    source: str | None = Field(default=None, description="embedded, file, or hub")
+    path: str | None = None
+    sha256: str | None = None
+
+
+class VersionLock(_Strict):
+    """Pinned weights: set only from a full verification (``lock NAME --set-expected``)."""
+
+    locked: bool = False
+    algorithm: str = "sha256"
+    expected_aggregate_sha256: str | None = None
+    locked_at: datetime | None = None
+    locked_by: str | None = None
+    manifest_path: str | None = None
+    unlocked_at: datetime | None = None
+    unlocked_by: str | None = None
+    unlock_reason: str | None = None
+
+
+class ModelEntry(_Strict):
+    """One logical model. ``name`` is the key operators and tools use."""
+
+    name: str
+    display_name: str | None = None
+    backend: Backend | None = Field(default=None, description="unset = not yet configured (discovered only)")
+    served_model_id: str | None = None
+    model_aliases: list[str] = Field(default_factory=list)
+    roles: list[str] = Field(default_factory=list)
+    role_priority: int = Field(default=0, description="higher wins; ties broken by name")
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    download_path: str | None = None
+    download_format: str | None = Field(default=None, description="safetensors, gguf, awq, gptq, fp8, …")
+    download_location: str | None = None
+    download_size_bytes: int | None = Field(default=None, ge=0)
+    download_files: list[dict[str, Any]] | None = None
+    downloaded_at: datetime | None = None
+    quantization: str | None = None
+    source: Source = Field(default_factory=Source)
+    backend_config: BackendConfig = Field(default_factory=BackendConfig)
+    generation_defaults: dict[str, Any] = Field(default_factory=dict)
+    chat_template: ChatTemplate | None = None
+    version_lock: VersionLock | None = None
+    hash_ignore: list[str] = Field(default_factory=list)
+    vision_target_long_edge: int | None = Field(default=None, ge=32, le=8192)
+    profiles: list[str] = Field(default_factory=list, description="deployment profiles; empty = all")
+    testing: bool = False
+    deprecated: bool = False
+    notes: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"invalid name {value!r}: use no '/', whitespace or control characters "
+                "(parentheses are fine, e.g. qwen3-vl-8b-instruct_(FP8))"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _backend_consistency(self) -> ModelEntry:
+        if self.backend == "openai" and not self.backend_config.base_url:
+            raise ValueError("backend 'openai' needs backend_config.base_url (e.g. https://host/v1)")
+        if self.backend == "lmdeploy" and not self.backend_config.launch:
+            raise ValueError("backend 'lmdeploy' needs backend_config.launch (an argv list)")
+        return self
+
+    # Derived values -------------------------------------------------------------------------------------
+    @property
+    def is_process_backend(self) -> bool:
+        return self.backend in PROCESS_BACKENDS
+
+    @property
+    def locked(self) -> bool:
+        return bool(self.version_lock and self.version_lock.locked)
+
+    @property
+    def effective_served_id(self) -> str:
+        return self.served_model_id or self.name
+
+    def launch_template(self) -> list[str] | None:
+        """The argv template before placeholder expansion (default ``vllm serve`` for vllm entries)."""
+        if self.backend_config.launch:
+            return [*self.backend_config.launch, *self.backend_config.extra_args]
+        if self.backend == "vllm":
+            return [*DEFAULT_VLLM_LAUNCH, *self.backend_config.extra_args]
+        return None
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a registry file (array of entries, or ``{"models": [...]}``) for editors."""
+    entry = ModelEntry.model_json_schema()
+    defs = entry.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ImageWorks model registry",
+        "$defs": {**defs, "ModelEntry": entry},
+        "oneOf": [
+            {"type": "array", "items": {"$ref": "#/$defs/ModelEntry"}},
+            {
+                "type": "object",
+                "properties": {
+                    "$schema": {"type": "string"},
+                    "models": {"type": "array", "items": {"$ref": "#/$defs/ModelEntry"}},
+                },
+                "required": ["models"],
+                "additionalProperties": False,
+            },
+        ],
+    }
+
+
+def field_table() -> list[tuple[str, str, str]]:
+    """(field, type, description) rows for the README's generated table."""
+    rows = []
+    for name, field in ModelEntry.model_fields.items():
+        annotation = str(field.annotation).replace("typing.", "").replace("imageworks_core.schema.", "")
+        rows.append((name, annotation, field.description or ""))
+    return rows
