@@ -31,8 +31,8 @@ DEFAULT_VLLM_LAUNCH: tuple[str, ...] = (
 )
 LAUNCH_PLACEHOLDERS: frozenset[str] = frozenset({"model_path", "port", "host", "served_model_id", "name", "python"})
 
-# Logical names: anything printable except '/', whitespace and control characters.
-_NAME_RE = re.compile(r"^[^\s/\x00-\x1f\x7f]+$")
+# Logical names: anything printable except '/', whitespace and control characters (checked in Rust by pydantic).
+NAME_PATTERN = r"^[^\s/\x00-\x1f\x7f]+$"
 
 
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -89,7 +89,7 @@ class BackendConfig(_Strict):
     @field_validator("launch", "extra_args")
     @classmethod
     def _valid_argv(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
+        if not value:
             return value
         if not all(isinstance(a, str) and a for a in value):
             raise ValueError("must be an argv list of non-empty strings (no shell string)")
@@ -133,7 +133,7 @@ class VersionLock(_Strict):
 class ModelEntry(_Strict):
     """One logical model. ``name`` is the key operators and tools use."""
 
-    name: str
+    name: str = Field(pattern=NAME_PATTERN, description="logical name: no '/', whitespace or control characters")
     display_name: str | None = None
     backend: Backend | None = Field(default=None, description="unset = not yet configured (discovered only)")
     served_model_id: str | None = None
@@ -159,16 +159,6 @@ class ModelEntry(_Strict):
     testing: bool = False
     deprecated: bool = False
     notes: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
-            raise ValueError(
-                f"invalid name {value!r}: use no '/', whitespace or control characters "
-                "(parentheses are fine, e.g. qwen3-vl-8b-instruct_(FP8))"
-            )
-        return value
 
     @model_validator(mode="after")
     def _backend_consistency(self) -> ModelEntry:

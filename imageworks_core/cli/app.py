@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from ..errors import EXIT_UNEXPECTED, EXIT_USAGE, ImageWorksError
 from ..settings import Settings, get_settings
@@ -63,18 +63,22 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def run(cli: click.Command | typer.Typer, argv: Sequence[str] | None, prog_name: str) -> int:
+def run(cli: typer.Typer, argv: Sequence[str] | None, prog_name: str) -> int:
     """Run a Typer app and map every outcome to our exit codes (click's usage error 2 becomes 64)."""
-    command = typer.main.get_command(cli) if isinstance(cli, typer.Typer) else cli
+    command = typer.main.get_command(cli)
     try:
         result = command.main(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        hint = f"\nTry '{exc.ctx.command_path} --help' for help." if exc.ctx else ""
-        typer.echo(f"usage error: {exc.format_message()}{hint}", err=True)
-        return EXIT_USAGE
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
+    except TyperException as exc:
+        # Typer vendors click; its UsageError (bad option/argument) has exit code 2, which we reserve for drift.
+        ctx = getattr(exc, "ctx", None)
+        hint = f"\nTry '{ctx.command_path} --help' for help." if ctx else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        code = getattr(exc, "exit_code", EXIT_UNEXPECTED)
+        typer.echo(f"{'usage error' if code == 2 else 'error'}: {message}{hint}", err=True)
+        return EXIT_USAGE if code == 2 else code
     except ImageWorksError as exc:
         for line in exc.lines():
             typer.echo(f"error: {line}", err=True)

@@ -1,0 +1,5 @@
+"""``python -m imageworks_core.cli`` runs ``imageworks-models``."""
+
+from .app import main
+
+main()
