@@ -1,3 +1,4 @@
 """Imports every command module so each registers its commands on the shared app."""
 
 from . import registry_cmds  # noqa: F401
+from . import api_cmds  # noqa: F401

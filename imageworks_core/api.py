@@ -1,0 +1,329 @@
+"""The loader's HTTP API (FastAPI): registry queries, selection, verification, probes, activation, proxy.
+
+Blocking work (hashing, probes, activation) runs in worker threads, never on the event loop. Errors map to
+HTTP statuses in one place (:data:`STATUS_FOR`), with a JSON body that says *why*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from . import history
+from .errors import (
+    BackendError,
+    CapabilityError,
+    FilteredModelError,
+    HashDriftError,
+    ImageWorksError,
+    RegistryError,
+    UnknownModelError,
+    UsageError,
+    WeightsError,
+)
+from .proxy import RETRY_AFTER_S, Proxy, SwitchCoordinator, SwitchInProgress, response_headers
+from .registry import filter_entries
+from .reload import RegistryService, RegistryWatcher
+from .schema import ModelEntry
+from .selection import select_model
+from .settings import Settings
+
+# Most specific first: the first matching class decides the status.
+STATUS_FOR: list[tuple[type[Exception], int]] = [
+    (SwitchInProgress, 503),
+    (FilteredModelError, 404),
+    (UnknownModelError, 404),
+    (CapabilityError, 409),
+    (HashDriftError, 409),
+    (UsageError, 400),
+    (WeightsError, 424),
+    (RegistryError, 503),
+    (BackendError, 502),
+    (ImageWorksError, 400),
+]
+_READ_ONLY_POSTS = {"/v1/select"}
+
+
+class SelectRequest(BaseModel):
+    name: str | None = None
+    role: str | None = None
+    require_capabilities: list[str] = Field(default_factory=list)
+    profile: str | None = None
+
+
+class VerifyRequest(BaseModel):
+    name: str
+    fast: bool = False
+
+
+class NameRequest(BaseModel):
+    name: str
+
+
+def error_body(exc: ImageWorksError) -> dict[str, Any]:
+    """The JSON error body: type, message and the structured reason where there is one."""
+    body: dict[str, Any] = {"type": type(exc).__name__, "message": exc.message}
+    if isinstance(exc, FilteredModelError):
+        body["reason"] = exc.reason
+    elif isinstance(exc, UnknownModelError):
+        body["reason"] = "unknown_name"
+        body["close_matches"] = exc.close_matches
+    if isinstance(exc, CapabilityError):
+        body["missing"] = exc.missing
+    if isinstance(exc, RegistryError):
+        body["problems"] = exc.problems
+    report = getattr(exc, "report", None)
+    if report is not None:
+        body["report"] = report.to_dict() if hasattr(report, "to_dict") else report
+    return {"error": body}
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _latest(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not settings.history_db_path.exists():
+        return {}, {}
+    return history.latest_verifications(settings), history.latest_probes(settings)
+
+
+def model_card(entry: ModelEntry, verification: dict[str, Any] | None, probe: dict[str, Any] | None) -> dict[str, Any]:
+    """One ``/v1/models`` item: the OpenAI fields plus ours."""
+    return {
+        "id": entry.name,
+        "object": "model",
+        "owned_by": entry.source.provider or entry.backend or "imageworks",
+        "served_model_id": entry.effective_served_id,
+        "aliases": entry.model_aliases,
+        "backend": entry.backend,
+        "roles": entry.roles,
+        "capabilities": entry.capabilities.enabled(),
+        "locked": entry.locked,
+        "last_verification": (
+            {"result": verification["result"], "at": verification["at"], "mode": verification["mode"]}
+            if verification
+            else None
+        ),
+        "last_probe": (
+            {"vision_ok": bool(probe["vision_ok"]), "grounded": probe["grounded"], "at": probe["at"]} if probe else None
+        ),
+        "testing": entry.testing,
+        "deprecated": entry.deprecated,
+    }
+
+
+def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool = True) -> FastAPI:
+    """Build the API for one deployment root. ``bind_host`` decides the token policy for mutations."""
+    service = RegistryService(settings)
+
+    def is_active(name: str) -> bool:
+        from . import runtime
+
+        state = runtime.read_state(settings)
+        if state is None or state.name != name or state.status != "ready":
+            return False
+        status = runtime.current(settings, check_health=False)
+        return status is not None and status.name == name
+
+    def activate(name: str) -> Any:
+        from . import runtime
+
+        return runtime.activate(settings, name)
+
+    coordinator = SwitchCoordinator(settings, activate, is_active)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watcher = RegistryWatcher(service) if watch else None
+        if watcher:
+            watcher.start()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+            app.state.proxy = Proxy(settings, coordinator, client)
+            yield
+        if watcher:
+            watcher.stop()
+
+    app = FastAPI(title="ImageWorks Model Loader API", version="1", lifespan=lifespan)
+    app.state.service = service
+    app.state.coordinator = coordinator
+
+    async def authorize(request: Request) -> None:
+        token = settings.api_token
+        mutating = request.method not in ("GET", "HEAD", "OPTIONS") and request.url.path not in _READ_ONLY_POSTS
+        if not token:
+            if mutating and not _is_loopback(bind_host):
+                raise HTTPException(403, "mutating endpoints on a non-loopback bind need IMAGEWORKS_API_TOKEN set")
+            return
+        if request.headers.get("authorization") != f"Bearer {token}":
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ImageWorksError)
+    async def _imageworks_error(_request: Request, exc: ImageWorksError) -> JSONResponse:
+        status = next(code for cls, code in STATUS_FOR if isinstance(exc, cls))
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, SwitchInProgress) else None
+        return JSONResponse(error_body(exc), status_code=status, headers=headers)
+
+    deps = [Depends(authorize)]
+
+    @app.get("/healthz", dependencies=deps)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "registry_ok": service.status.ok, "entries": service.status.entries}
+
+    @app.get("/v1/models", dependencies=deps)
+    async def models(include_testing: bool = False, profile: str | None = None) -> dict[str, Any]:
+        registry = service.registry
+        entries = filter_entries(
+            registry, include_testing=include_testing, profile=profile if profile is not None else settings.profile
+        )
+        verifications, probes = await asyncio.to_thread(_latest, settings)
+        return {
+            "object": "list",
+            "data": [model_card(e, verifications.get(e.name), probes.get(e.name)) for e in entries],
+        }
+
+    @app.post("/v1/select", dependencies=deps)
+    async def select(request: SelectRequest) -> dict[str, Any]:
+        if (request.name is None) == (request.role is None):
+            raise UsageError("give exactly one of 'name' or 'role'")
+        registry = service.registry
+        selection = select_model(
+            name=request.name,
+            role=request.role,
+            require_capabilities=request.require_capabilities,
+            profile=request.profile,
+            registry=registry,
+            settings=settings,
+        )
+        entry = registry.get(selection.name)
+        verifications, _ = await asyncio.to_thread(_latest, settings)
+        last = verifications.get(entry.name)
+        if entry.locked and last is not None and last["result"] == "drift":
+            return JSONResponse(
+                {
+                    "error": {
+                        "type": "LockViolationError",
+                        "message": f"{entry.name!r} is locked and its last verification ({last['at']}) drifted; "
+                        f"inspect with `imageworks-models verify {entry.name}`",
+                        "reason": "locked_drift",
+                    }
+                },
+                status_code=423,
+            )
+        active = await asyncio.to_thread(is_active, entry.name) if entry.is_process_backend else True
+        return {**selection.to_dict(), "active": active}
+
+    @app.post("/v1/verify", dependencies=deps)
+    async def verify(request: VerifyRequest) -> JSONResponse:
+        from .verification import verify_entry
+
+        result = await asyncio.to_thread(verify_entry, settings, request.name, fast=request.fast)
+        data = result.to_dict()
+        return JSONResponse(data, status_code=409 if result.result == "drift" else 200)
+
+    @app.post("/v1/probe/vision", dependencies=deps)
+    async def probe_vision(request: Request) -> JSONResponse:
+        from .probe import probe_vision as run_probe
+
+        content_type = request.headers.get("content-type", "")
+        image_bytes, image_name = None, None
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            name = str(form.get("name") or "")
+            upload = form.get("image")
+            if upload is not None and hasattr(upload, "read"):
+                image_bytes, image_name = await upload.read(), getattr(upload, "filename", None) or "upload"
+        else:
+            try:
+                name = str((await request.json()).get("name") or "")
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise UsageError('send JSON {"name": ...} or multipart form fields name (+ image)') from exc
+        if not name:
+            raise UsageError("'name' is required")
+        result = await asyncio.to_thread(run_probe, settings, name, image_bytes=image_bytes, image_name=image_name)
+        return JSONResponse(result.to_dict())
+
+    @app.post("/v1/activate", dependencies=deps)
+    async def activate_endpoint(request: NameRequest) -> dict[str, Any]:
+        entry = service.registry.get(request.name)
+        await coordinator.ensure_active(entry.name)
+        from . import runtime
+
+        state = await asyncio.to_thread(runtime.read_state, settings)
+        return state.model_dump(mode="json") if state else {}
+
+    @app.post("/v1/deactivate", dependencies=deps)
+    async def deactivate() -> dict[str, Any]:
+        from . import runtime
+
+        if coordinator.switching_to:
+            raise SwitchInProgress(coordinator.switching_to)
+        result = await asyncio.to_thread(runtime.stop, settings, reason="api deactivate")
+        return {"stopped": result is not None}
+
+    @app.get("/v1/active", dependencies=deps)
+    async def active() -> dict[str, Any]:
+        from . import runtime
+
+        status = await asyncio.to_thread(runtime.current, settings)
+        return {"active": status.model_dump(mode="json") if status else None, "switching_to": coordinator.switching_to}
+
+    @app.get("/v1/registry/status", dependencies=deps)
+    async def registry_status() -> dict[str, Any]:
+        return service.status.to_dict()
+
+    @app.post("/v1/registry/reload", dependencies=deps)
+    async def registry_reload() -> JSONResponse:
+        status = await asyncio.to_thread(service.reload)
+        return JSONResponse(status.to_dict(), status_code=200 if status.ok else 422)
+
+    async def _forward(request: Request, path: str) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"request body is not JSON: {exc.msg}") from exc
+        if not isinstance(body, dict):
+            raise UsageError("request body must be a JSON object")
+        proxy: Proxy = request.app.state.proxy
+        entry, base_url = await proxy.route(service.registry, body)
+        upstream_request = proxy.upstream_request(entry, base_url, path, raw, body)
+        try:
+            upstream = await proxy.client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{entry.name!r} at {base_url} unreachable: {type(exc).__name__}: {exc}") from exc
+        if body.get("stream"):
+            return StreamingResponse(
+                upstream.aiter_raw(),
+                status_code=upstream.status_code,
+                headers=response_headers(upstream),
+                background=BackgroundTask(upstream.aclose),
+            )
+        content = await upstream.aread()
+        await upstream.aclose()
+        return Response(content, status_code=upstream.status_code, headers=response_headers(upstream))
+
+    @app.post("/v1/chat/completions", dependencies=deps)
+    async def chat_completions(request: Request) -> Response:
+        return await _forward(request, "chat/completions")
+
+    @app.post("/v1/completions", dependencies=deps)
+    async def completions(request: Request) -> Response:
+        return await _forward(request, "completions")
+
+    return app

@@ -1,0 +1,29 @@
+"""``imageworks-models serve``: the loader API and single-port proxy (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .app import RootOpt, app, settings_for
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[
+        str, typer.Option(help="Bind address (loopback by default; others need IMAGEWORKS_API_TOKEN).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8100,
+    watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Hot-reload when configs/ change.")] = True,
+    root: RootOpt = None,
+) -> None:
+    """Serve /v1/models, /v1/select, /v1/verify, /v1/probe/vision, activation and the OpenAI proxy."""
+    import uvicorn
+
+    from ..api import create_app
+
+    settings = settings_for(root)
+    api = create_app(settings, bind_host=host, watch=watch)
+    typer.echo(f"ImageWorks API on http://{host}:{port}  (root: {settings.root})", err=True)
+    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,113 @@
+"""The loader API on a real uvicorn server: models, select (with the reasons a 404 gives), hot reload, auth."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from api_server import api_server
+
+from imageworks_core import history
+from imageworks_core.api import create_app
+from imageworks_core.registry import update_entry
+from imageworks_core.settings import Settings
+
+DEMO = "demo-vision_(CPU)"
+
+
+@pytest.fixture
+def api(root: Settings):
+    with api_server(root.root) as base:
+        yield base
+
+
+def test_healthz_and_models_list(api: str) -> None:
+    assert httpx.get(f"{api}/healthz").json()["status"] == "ok"
+    data = httpx.get(f"{api}/v1/models").json()
+    assert data["object"] == "list"
+    ids = {m["id"] for m in data["data"]}
+    assert DEMO in ids and "qwen3-vl-8b-instruct_(FP8)" not in ids  # testing hidden
+    card = next(m for m in data["data"] if m["id"] == DEMO)
+    assert card["object"] == "model" and card["backend"] == "vllm" and "vision" in card["capabilities"]
+    assert card["locked"] is False and card["last_verification"] is None
+    all_ids = {m["id"] for m in httpx.get(f"{api}/v1/models", params={"include_testing": 1}).json()["data"]}
+    assert "qwen3-vl-8b-instruct_(FP8)" in all_ids
+    edge = {m["id"] for m in httpx.get(f"{api}/v1/models", params={"profile": "edge"}).json()["data"]}
+    assert "gpt-4o-mini_(remote)" not in edge
+
+
+def test_select_success_and_every_404_reason(api: str, root: Settings) -> None:
+    ok = httpx.post(f"{api}/v1/select", json={"role": "caption", "require_capabilities": ["vision"]})
+    assert ok.status_code == 200
+    assert ok.json()["name"] == "qwen2.5-vl-7b-instruct_(AWQ)"
+    assert ok.json()["endpoint"].endswith(":24001/v1") and ok.json()["active"] is False
+    unknown = httpx.post(f"{api}/v1/select", json={"name": "demo-visoin"})
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["reason"] == "unknown_name"
+    assert "demo-vision" in unknown.json()["error"]["close_matches"]
+    testing = httpx.post(f"{api}/v1/select", json={"name": "qwen3-vl-8b-instruct_(FP8)"})
+    assert testing.status_code == 404 and testing.json()["error"]["reason"] == "testing"
+    profile = httpx.post(f"{api}/v1/select", json={"name": "gpt-4o-mini_(remote)", "profile": "edge"})
+    assert profile.status_code == 404 and profile.json()["error"]["reason"] == "profile"
+    capability = httpx.post(f"{api}/v1/select", json={"name": "demo-text_(CPU)", "require_capabilities": ["vision"]})
+    assert capability.status_code == 409 and capability.json()["error"]["missing"] == ["vision"]
+    update_entry(root, "llava-7b_(ollama)", {"deprecated": True}, command="test")
+    time.sleep(1.0)  # hot reload picks it up
+    deprecated = httpx.post(f"{api}/v1/select", json={"name": "llava-7b_(ollama)"})
+    assert deprecated.status_code == 404 and deprecated.json()["error"]["reason"] == "deprecated"
+
+
+def test_select_locked_entry_whose_last_verification_drifted_is_423(api: str, root: Settings) -> None:
+    update_entry(root, DEMO, {"version_lock": {"locked": True, "expected_aggregate_sha256": "0" * 64}}, command="t")
+    history.record_verification(root, name=DEMO, mode="fast", algorithm="sha256", result="drift")
+    time.sleep(1.0)
+    response = httpx.post(f"{api}/v1/select", json={"name": DEMO})
+    assert response.status_code == 423
+    assert response.json()["error"]["reason"] == "locked_drift"
+
+
+def test_hot_reload_picks_up_an_edit_within_two_seconds(api: str, root: Settings) -> None:
+    entries = json.loads(root.curated_path.read_text())
+    entries.append({"name": "hot-added", "backend": "openai", "backend_config": {"base_url": "http://127.0.0.1:9/v1"}})
+    root.curated_path.write_text(json.dumps(entries, indent=2))  # a plain hand edit, not through our tools
+    deadline = time.monotonic() + 2.0
+    seen = False
+    while time.monotonic() < deadline and not seen:
+        seen = "hot-added" in {m["id"] for m in httpx.get(f"{api}/v1/models").json()["data"]}
+        time.sleep(0.1)
+    assert seen
+
+
+def test_invalid_file_keeps_last_good_registry_and_reports_errors(api: str, root: Settings) -> None:
+    root.curated_path.write_text(root.curated_path.read_text().rstrip()[:-1] + ",]\n")  # trailing comma
+    deadline = time.monotonic() + 3
+    while httpx.get(f"{api}/v1/registry/status").json()["ok"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status = httpx.get(f"{api}/v1/registry/status").json()
+    assert status["ok"] is False
+    assert any("invalid JSON" in line and str(root.curated_path) in line for line in status["errors"])
+    assert DEMO in {m["id"] for m in httpx.get(f"{api}/v1/models").json()["data"]}  # still serving
+    assert httpx.post(f"{api}/v1/registry/reload").status_code == 422
+    log = root.audit_log_path.read_text()
+    assert '"event": "registry_reload_failed"' in log
+
+
+def test_bearer_token_required_on_every_endpoint_when_set(root: Settings) -> None:
+    with api_server(root.root, env={"IMAGEWORKS_API_TOKEN": "s3cret"}) as base:
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/healthz").status_code == 401
+        good = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert good.status_code == 200
+
+
+def test_mutations_need_a_token_on_a_non_loopback_bind(root: Settings) -> None:
+    from fastapi.testclient import TestClient
+
+    app = create_app(root, bind_host="0.0.0.0", watch=False)
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 200  # reads stay open
+        assert client.post("/v1/select", json={"name": DEMO}).status_code == 200
+        refused = client.post("/v1/registry/reload")
+        assert refused.status_code == 403 and "IMAGEWORKS_API_TOKEN" in refused.json()["detail"]
