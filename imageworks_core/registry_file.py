@@ -132,6 +132,70 @@ def render_entry(entry: dict[str, Any], indent: str, unit: int = 2) -> str:
     return "\n".join([lines[0], *(indent + line for line in lines[1:])])
 
 
+def _members(text: str, start: int) -> tuple[list[tuple[str, int, int, int]], int]:
+    """Top-level members of the object at ``start``: (key, key_start, value_start, value_end), and the '}' index."""
+    members = []
+    i = start + 1
+    while True:
+        i = _skip(text, i)
+        if text[i] == "}":
+            return members, i
+        key_start = i
+        key, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, _skip(text, i) + 1)
+        value_start = i
+        _, i = _DECODER.raw_decode(text, i)
+        members.append((key, key_start, value_start, i))
+        i = _skip(text, i)
+        if text[i] == ",":
+            i += 1
+
+
+def splice_object(text: str, start: int, end: int, old: Any, new: Any, unit: int = 2) -> str:
+    """The new text of the object at ``text[start:end]``: only changed members are rewritten.
+
+    A lock toggle therefore changes the ``version_lock`` lines alone, however the rest was formatted.
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict) or not old or not new:
+        return render_entry(new, _indent_at(text, start), unit)
+    members, close = _members(text, start)
+    indent = _indent_at(text, members[0][1])
+    out: list[str] = []
+    cursor = start
+    kept_any = False
+    for index, (key, key_start, value_start, value_end) in enumerate(members):
+        if key not in new:
+            # Drop ", key: value" (or "key: value," for the first member).
+            if index == 0:
+                nxt = members[1][1] if len(members) > 1 else close
+                out.append(text[cursor:key_start])
+                cursor = nxt
+            else:
+                out.append(text[cursor : members[index - 1][3]])
+                cursor = value_end
+            continue
+        kept_any = True
+        out.append(text[cursor:value_start])
+        if new[key] == old.get(key):
+            out.append(text[value_start:value_end])
+        elif isinstance(new[key], dict) and isinstance(old.get(key), dict) and text[value_start] == "{":
+            out.append(splice_object(text, value_start, value_end, old[key], new[key], unit))
+        else:
+            out.append(
+                render_entry(new[key], indent, unit)
+                if isinstance(new[key], dict | list)
+                else json.dumps(new[key], ensure_ascii=False)
+            )
+        cursor = value_end
+    if not kept_any:
+        return render_entry(new, _indent_at(text, start), unit)
+    for key, value in new.items():
+        if key not in old:
+            out.append(f",\n{indent}{json.dumps(key)}: " + render_entry(value, indent, unit))
+    out.append(text[cursor:end])
+    return "".join(out)
+
+
 def render_new_file(entries: list[dict[str, Any]], object_form: bool = False) -> str:
     """A whole registry file in our canonical layout."""
     if object_form:
@@ -166,7 +230,7 @@ def splice(parsed: RegistryText, new_entries: list[dict[str, Any]]) -> str:
     for (start, end), old, name in zip(parsed.spans, parsed.entries, old_names, strict=True):
         if name in kept:
             new = new_by_name[name]
-            survivors.append(text[start:end] if new == old else render_entry(new, _indent_at(text, start), unit))
+            survivors.append(text[start:end] if new == old else splice_object(text, start, end, old, new, unit))
     # Re-join: keep the original separator text between surviving entries where possible.
     if len(survivors) == len(parsed.spans):
         for (start, end), piece in zip(parsed.spans, survivors, strict=True):

@@ -1,0 +1,352 @@
+"""Verify and lock an entry's weights: the registry-facing side of :mod:`imageworks_core.hashing`.
+
+``verify_entry`` hashes ``download_path`` (full: every byte; fast: only files whose stat changed since the
+last run, via the stat cache in the history DB) and compares with the lock. ``lock_entry(set_expected=True)``
+pins the entry from a *full* read: the curated entry gets a small ``version_lock`` block, and the full manifest
+(per-file digests, ignore rules, small text files) goes to ``configs/locks/<slug>.manifest.json``, whose own
+aggregate must equal the curated one — a tampered manifest is itself drift. Every run is recorded in the
+history DB and the audit log; drift on a locked entry is logged as ``lock_violation``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from . import audit, history
+from .errors import UsageError, WeightsError
+from .hashing import (
+    Algorithm,
+    DriftReport,
+    HashResult,
+    Manifest,
+    ProgressCallback,
+    StatEntry,
+    aggregate_of,
+    compare_manifests,
+    hash_directory,
+)
+from .history import now_iso
+from .registry import Registry, load_registry, update_entry
+from .registry_file import atomic_write_text
+from .schema import ModelEntry
+from .settings import Settings, slugify
+
+VerifyOutcome = Literal["ok", "drift", "unlocked"]
+# The lock file is the manifest plus who/when; these keys are not part of the manifest model.
+_LOCK_FILE_EXTRA_KEYS = ("name", "locked_at")
+
+
+class VerifyResult(BaseModel):
+    """One verification run, as the CLI, dashboard and API show it."""
+
+    name: str
+    result: VerifyOutcome
+    mode: Literal["full", "fast"]
+    algorithm: str
+    directory: str
+    aggregate: str
+    expected: str | None = None
+    locked: bool = False
+    file_count: int
+    total_bytes: int
+    bytes_read: int
+    rehashed: list[str] = Field(default_factory=list)
+    duration_s: float
+    report: DriftReport | None = None
+    lock_file: str | None = None
+    notes: list[str] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def format_text(self) -> str:
+        """The CLI's report."""
+        rate = self.bytes_read / self.duration_s / 1e6 if self.duration_s > 0 else 0.0
+        lines = [
+            f"{self.name}: {self.mode} verification ({self.algorithm}) of {self.directory}",
+            f"  {self.file_count} files, {self.total_bytes:,} bytes; read {self.bytes_read:,} bytes "
+            f"in {self.duration_s:.2f} s ({rate:,.0f} MB/s)",
+        ]
+        if self.mode == "fast":
+            lines.append(
+                f"  fast mode: re-hashed {len(self.rehashed)} of {self.file_count} files (stat changed)"
+                + (
+                    ": " + ", ".join(self.rehashed[:10]) + (" …" if len(self.rehashed) > 10 else "")
+                    if self.rehashed
+                    else ""
+                )
+            )
+        lines.append(f"  aggregate sha256: {self.aggregate}")
+        if self.result == "unlocked":
+            lines.append(f"  no expected hash yet: pin it with `imageworks-models lock {self.name} --set-expected`")
+        elif self.result == "ok":
+            lines.append(f"  OK: matches the expected aggregate ({'locked' if self.locked else 'pinned, not locked'})")
+        else:
+            lines.append(f"  expected:         {self.expected}")
+            if self.report is not None:
+                lines.append(self.report.format_text())
+            lines.append(
+                "  if the change is expected: re-run `imageworks-models lock "
+                f"{self.name} --set-expected`; if not: re-download with `imageworks-download download --force`"
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def weights_dir(settings: Settings, entry: ModelEntry) -> Path:
+    """The entry's resolved ``download_path`` (WeightsError when it has none)."""
+    if not entry.download_path:
+        raise WeightsError(f"{entry.name!r} has no download_path; set it in the curated file or download the weights")
+    return settings.resolve_path(entry.download_path)
+
+
+def lock_file_path(settings: Settings, entry: ModelEntry) -> Path:
+    """Where the entry's lock manifest lives (``configs/locks/<slug>.manifest.json`` unless the lock says)."""
+    lock = entry.version_lock
+    if lock and lock.manifest_path:
+        return settings.resolve_path(lock.manifest_path)
+    return settings.locks_dir / f"{slugify(entry.name)}.manifest.json"
+
+
+def _load_cache(settings: Settings, directory: str, algorithm: str) -> dict[str, StatEntry]:
+    if not settings.history_db_path.exists():
+        return {}
+    rows = history.load_stat_cache(settings, directory, algorithm)
+    return {
+        path: StatEntry(size, mtime, inode, algorithm, digest) for path, (size, mtime, inode, digest) in rows.items()
+    }
+
+
+def _save_cache(settings: Settings, directory: str, algorithm: str, result: HashResult) -> None:
+    history.save_stat_cache(
+        settings,
+        directory,
+        algorithm,
+        {path: (e.size, e.mtime_ns, e.inode, e.digest) for path, e in result.cache.items()},
+    )
+
+
+def _read_lock_manifest(path: Path, expected_aggregate: str) -> tuple[Manifest | None, list[str]]:
+    """The lock manifest, or None with notes explaining why it cannot be trusted."""
+    if not path.exists():
+        return None, [f"lock manifest {path} is missing: only the aggregate can be compared"]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in _LOCK_FILE_EXTRA_KEYS:
+            data.pop(key, None)
+        manifest = Manifest.model_validate(data)
+    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
+        return None, [f"lock manifest {path} is unreadable ({type(exc).__name__}): treat as tampered"]
+    notes = []
+    if aggregate_of(manifest.files) != manifest.aggregate or manifest.aggregate != expected_aggregate:
+        notes.append(f"lock manifest {path} does not match the curated expected aggregate: tampered or stale")
+        return None, notes
+    return manifest, notes
+
+
+def verify_entry(
+    settings: Settings,
+    name: str,
+    *,
+    fast: bool = False,
+    algorithm: Algorithm | None = None,
+    progress: ProgressCallback | None = None,
+    registry: Registry | None = None,
+) -> VerifyResult:
+    """Hash the entry's weights and compare with its lock; record the run. Never raises on drift."""
+    registry = registry or load_registry(settings=settings)
+    entry = registry.get(name)
+    directory = weights_dir(settings, entry)
+    lock = entry.version_lock
+    expected = lock.expected_aggregate_sha256 if lock else None
+    if expected and algorithm and algorithm != lock.algorithm:  # type: ignore[union-attr]
+        raise UsageError(f"{entry.name!r} is pinned with {lock.algorithm}; verify with that algorithm")  # type: ignore[union-attr]
+    algo: Algorithm = (lock.algorithm if expected else algorithm) or "sha256"  # type: ignore[union-attr,assignment]
+    mode: Literal["full", "fast"] = "fast" if fast else "full"
+    key = str(directory.resolve())
+    cache = _load_cache(settings, key, algo) if fast else None
+    notes: list[str] = []
+    manifest_file = lock_file_path(settings, entry) if expected else None
+    expected_manifest, manifest_notes = (
+        _read_lock_manifest(manifest_file, expected) if expected and manifest_file else (None, [])
+    )
+    notes.extend(manifest_notes)
+    result = hash_directory(
+        directory,
+        algorithm=algo,
+        ignore=expected_manifest.ignore if expected_manifest else None,
+        extra_ignore=() if expected_manifest else entry.hash_ignore,
+        mode=mode,
+        cache=cache,
+        progress=progress,
+    )
+    _save_cache(settings, key, algo, result)
+    manifest = result.manifest
+    report: DriftReport | None = None
+    outcome: VerifyOutcome
+    if not expected:
+        outcome = "unlocked"
+    elif expected_manifest is not None:
+        report = compare_manifests(expected_manifest, manifest)
+        outcome = "ok" if report.ok else "drift"
+    else:
+        outcome = "drift"
+        report = DriftReport(
+            algorithm=algo,
+            expected_aggregate=expected,
+            actual_aggregate=manifest.aggregate,
+            file_count=manifest.file_count,
+            total_bytes=manifest.total_bytes,
+            notes=list(notes),
+        )
+        notes = []
+    by_path = manifest.by_path()
+    bytes_read = (
+        manifest.total_bytes if mode == "full" else sum(by_path[p].size for p in result.rehashed if p in by_path)
+    )
+    verify = VerifyResult(
+        name=entry.name,
+        result=outcome,
+        mode=mode,
+        algorithm=algo,
+        directory=str(directory),
+        aggregate=manifest.aggregate,
+        expected=expected,
+        locked=entry.locked,
+        file_count=manifest.file_count,
+        total_bytes=manifest.total_bytes,
+        bytes_read=bytes_read,
+        rehashed=result.rehashed if mode == "fast" else [],
+        duration_s=manifest.duration_s,
+        report=report,
+        lock_file=str(manifest_file) if manifest_file else None,
+        notes=notes,
+    )
+    _record(settings, verify)
+    return verify
+
+
+def _record(settings: Settings, verify: VerifyResult) -> None:
+    actor = audit.current_actor(settings)
+    history.record_verification(
+        settings,
+        name=verify.name,
+        mode=verify.mode,
+        algorithm=verify.algorithm,
+        duration_s=verify.duration_s,
+        bytes=verify.bytes_read,
+        files=verify.file_count,
+        result=verify.result,
+        aggregate=verify.aggregate,
+        expected=verify.expected,
+        report=verify.report.to_dict() if verify.report else None,
+        actor=actor,
+    )
+    audit.log_event(
+        settings, "verify", name=verify.name, mode=verify.mode, result=verify.result, aggregate=verify.aggregate
+    )
+    if verify.result == "drift" and verify.locked:
+        report = verify.report
+        files = (
+            [c.path for c in report.modified] + [f.path for f in report.added] + [f.path for f in report.removed]
+            if report
+            else []
+        )
+        audit.log_event(
+            settings, "lock_violation", name=verify.name, files=files, expected=verify.expected, actual=verify.aggregate
+        )
+
+
+def _curated_lock(registry: Registry, entry: ModelEntry) -> dict[str, Any]:
+    """The entry's version_lock as written in the curated file (so untouched fields keep their exact text)."""
+    raw = registry.curated.get(entry.name, {}).get("version_lock")
+    return dict(raw) if isinstance(raw, dict) else {}
+
+
+def lock_entry(
+    settings: Settings,
+    name: str,
+    *,
+    set_expected: bool = False,
+    algorithm: Algorithm = "sha256",
+    progress: ProgressCallback | None = None,
+) -> VerifyResult | None:
+    """Lock an entry. ``set_expected``: full read, write the lock manifest, pin the aggregate and lock.
+
+    Without ``set_expected`` an entry that already has an expected hash only gets ``locked: true``.
+    Returns the verification that pinned it (None for a plain toggle).
+    """
+    registry = load_registry(settings=settings)
+    entry = registry.get(name)
+    lock = _curated_lock(registry, entry)
+    if not set_expected:
+        if not lock.get("expected_aggregate_sha256"):
+            raise UsageError(
+                f"{entry.name!r} has no expected hash yet: run `imageworks-models lock {entry.name} --set-expected`"
+            )
+        lock.update(locked=True, locked_at=now_iso(), locked_by=audit.current_actor(settings))
+        update_entry(settings, entry.name, {"version_lock": lock}, command=f"lock {entry.name}", create=True)
+        audit.log_event(
+            settings, "lock", name=entry.name, expected=lock["expected_aggregate_sha256"], set_expected=False
+        )
+        return None
+    directory = weights_dir(settings, entry)
+    result = hash_directory(
+        directory, algorithm=algorithm, extra_ignore=entry.hash_ignore, mode="full", progress=progress
+    )
+    manifest = result.manifest
+    _save_cache(settings, str(directory.resolve()), algorithm, result)
+    path = settings.locks_dir / f"{slugify(entry.name)}.manifest.json"
+    payload = {"name": entry.name, "locked_at": now_iso(), **manifest.model_dump(mode="json")}
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    actor = audit.current_actor(settings)
+    new_lock = {
+        "locked": True,
+        "algorithm": algorithm,
+        "expected_aggregate_sha256": manifest.aggregate,
+        "locked_at": now_iso(),
+        "locked_by": actor,
+        "manifest_path": str(path.relative_to(settings.root)) if path.is_relative_to(settings.root) else str(path),
+    }
+    update_entry(
+        settings, entry.name, {"version_lock": new_lock}, command=f"lock {entry.name} --set-expected", create=True
+    )
+    verify = VerifyResult(
+        name=entry.name,
+        result="ok",
+        mode="full",
+        algorithm=algorithm,
+        directory=str(directory),
+        aggregate=manifest.aggregate,
+        expected=manifest.aggregate,
+        locked=True,
+        file_count=manifest.file_count,
+        total_bytes=manifest.total_bytes,
+        bytes_read=manifest.total_bytes,
+        duration_s=manifest.duration_s,
+        lock_file=str(path),
+    )
+    _record(settings, verify)
+    audit.log_event(
+        settings, "lock", name=entry.name, expected=manifest.aggregate, set_expected=True, lock_file=str(path)
+    )
+    return verify
+
+
+def unlock_entry(settings: Settings, name: str, *, reason: str) -> None:
+    """Unlock (keeping the expected hash); a reason is mandatory and goes to the audit log."""
+    if not reason or not reason.strip():
+        raise UsageError('unlocking needs --reason "…" (the runbook asks for an incident report before unlocking)')
+    registry = load_registry(settings=settings)
+    entry = registry.get(name)
+    if not entry.locked or entry.version_lock is None:
+        raise UsageError(f"{entry.name!r} is not locked")
+    lock = _curated_lock(registry, entry)
+    actor = audit.current_actor(settings)
+    lock.update(locked=False, unlocked_at=now_iso(), unlocked_by=actor, unlock_reason=reason.strip())
+    update_entry(settings, entry.name, {"version_lock": lock}, command=f"unlock {entry.name}")
+    audit.log_event(settings, "unlock", name=entry.name, reason=reason.strip())

@@ -1,0 +1,139 @@
+"""`verify`, `lock --set-expected`, `unlock`: exit codes, drift reports, lock files, history and audit lines."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+
+from imageworks_core import history
+from imageworks_core.registry import load_registry
+from imageworks_core.settings import Settings
+from imageworks_core.verification import lock_entry, verify_entry
+
+DEMO = "demo-vision_(CPU)"
+
+
+def weights(root: Settings):
+    return root.root / "demo" / "models" / "imageworks-demo-vision"
+
+
+def audit_events(root: Settings, event: str) -> list[dict]:
+    lines = root.audit_log_path.read_text().splitlines() if root.audit_log_path.exists() else []
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_verify_unpinned_prints_hash_and_how_to_lock(root: Settings, cli) -> None:
+    result = cli("verify", DEMO)
+    assert result.code == 0, result.err
+    assert "aggregate sha256:" in result.out
+    assert f"imageworks-models lock {DEMO} --set-expected" in result.out
+    rows = history.list_verifications(root, DEMO)
+    assert rows[0]["result"] == "unlocked" and rows[0]["mode"] == "full"
+
+
+def test_lock_writes_small_curated_diff_and_manifest_then_verify_matches(root: Settings, cli) -> None:
+    before = root.curated_path.read_text()
+    result = cli("lock", DEMO, "--set-expected")
+    assert result.code == 0, result.err
+    after = root.curated_path.read_text()
+    # The rest of the file is byte-for-byte unchanged: the only removed line is the one that gains a comma.
+    diff = [d for d in difflib.ndiff(before.splitlines(), after.splitlines()) if d[:2] in ("- ", "+ ")]
+    removed = [d[2:] for d in diff if d.startswith("- ")]
+    added = [d[2:] for d in diff if d.startswith("+ ")]
+    assert len(removed) == 1 and added[0] == removed[0] + ","
+    assert added[1].strip() == '"version_lock": {' and all(
+        "version_lock" in a or a.startswith("      ") or a.strip() == "}" for a in added[1:]
+    )
+    entry = load_registry(settings=root).get(DEMO)
+    assert entry.locked and entry.version_lock.algorithm == "sha256"
+    manifest = json.loads((root.root / entry.version_lock.manifest_path).read_text())
+    assert manifest["aggregate"] == entry.version_lock.expected_aggregate_sha256
+    assert {f["path"] for f in manifest["files"]} >= {"model.safetensors", "LICENSE", "config.json"}
+    assert "LICENSE" in manifest["text_files"] and ".git/" in manifest["ignore"]
+    assert cli("verify", DEMO).code == 0
+    assert audit_events(root, "lock")[0]["name"] == DEMO
+    assert history.list_revisions(root, DEMO)[0]["command"] == f"lock {DEMO} --set-expected"
+
+
+def test_drift_exits_2_with_per_file_report_text_diff_and_lock_violation(root: Settings, cli) -> None:
+    cli("lock", DEMO, "--set-expected")
+    with open(weights(root) / "LICENSE", "a") as handle:
+        handle.write("Additional restriction: no commercial use.\n")
+    (weights(root) / "extra.bin").write_bytes(b"\0" * 10)
+    (weights(root) / "tokenizer_config.json").unlink()
+    result = cli("verify", DEMO)
+    assert result.code == 2
+    assert "modified  LICENSE" in result.out
+    assert "added     extra.bin" in result.out
+    assert "removed   tokenizer_config.json" in result.out
+    assert "+Additional restriction: no commercial use." in result.out
+    violation = audit_events(root, "lock_violation")[-1]
+    assert violation["name"] == DEMO and set(violation["files"]) == {"LICENSE", "extra.bin", "tokenizer_config.json"}
+    data = json.loads(cli("verify", DEMO, "--json").out)
+    assert data["result"] == "drift" and data["report"]["modified"][0]["path"] == "LICENSE"
+    assert history.latest_verifications(root)[DEMO]["result"] == "drift"
+
+
+def test_fast_rehashes_only_changed_files_and_full_catches_a_restored_mtime_flip(root: Settings) -> None:
+    lock_entry(root, DEMO, set_expected=True)
+    fast = verify_entry(root, DEMO, fast=True)
+    assert fast.result == "ok" and fast.rehashed == [] and fast.bytes_read == 0
+    target = weights(root) / "model.safetensors"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # same size; restore mtime: only a full read can see it
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verify_entry(root, DEMO, fast=True).result in ("ok", "drift")  # the stat cache may miss it (inode same)
+    full = verify_entry(root, DEMO)
+    assert full.result == "drift" and [c.path for c in full.report.modified] == ["model.safetensors"]
+    with open(weights(root) / "config.json", "a") as handle:
+        handle.write(" ")
+    fast = verify_entry(root, DEMO, fast=True)
+    assert "config.json" in fast.rehashed and fast.result == "drift"
+
+
+def test_tampered_lock_manifest_is_drift(root: Settings, cli) -> None:
+    cli("lock", DEMO, "--set-expected")
+    entry = load_registry(settings=root).get(DEMO)
+    path = root.root / entry.version_lock.manifest_path
+    manifest = json.loads(path.read_text())
+    manifest["files"][0]["digest"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    result = cli("verify", DEMO)
+    assert result.code == 2
+    assert "tampered" in result.out
+
+
+def test_missing_or_empty_weights_exit_7(root: Settings, cli) -> None:
+    result = cli("verify", "qwen2.5-vl-7b-instruct_(AWQ)")
+    assert result.code == 7 and "Qwen2.5-VL-7B-Instruct-AWQ" in result.err
+    for child in weights(root).iterdir():
+        child.unlink()
+    assert cli("verify", DEMO).code == 7
+    assert cli("verify", "gpt-4o-mini_(remote)").code == 7  # no download_path at all
+
+
+def test_lock_toggle_and_unlock_rules(root: Settings, cli) -> None:
+    assert cli("lock", DEMO).code == 64  # nothing expected yet: must --set-expected first
+    cli("lock", DEMO, "--set-expected")
+    assert cli("unlock", DEMO).code == 64  # a reason is mandatory
+    result = cli("unlock", DEMO, "--reason", "INC-7: new quant")
+    assert result.code == 0
+    entry = load_registry(settings=root).get(DEMO)
+    assert not entry.locked and entry.version_lock.unlock_reason == "INC-7: new quant"
+    assert entry.version_lock.expected_aggregate_sha256  # unlocking keeps the pin
+    assert audit_events(root, "unlock")[0]["reason"] == "INC-7: new quant"
+    expected = entry.version_lock.expected_aggregate_sha256
+    assert cli("lock", DEMO).code == 0  # only toggles
+    entry = load_registry(settings=root).get(DEMO)
+    assert entry.locked and entry.version_lock.expected_aggregate_sha256 == expected
+
+
+def test_blake3_lock_verifies_with_blake3(root: Settings, cli) -> None:
+    assert cli("lock", DEMO, "--set-expected", "--algorithm", "blake3").code == 0
+    data = json.loads(cli("verify", DEMO, "--json").out)
+    assert data["algorithm"] == "blake3" and data["result"] == "ok"
+    assert cli("verify", DEMO, "--algorithm", "sha256").code == 64
+    assert cli("verify", DEMO, "--algorithm", "md5").code == 64
