@@ -1,0 +1,40 @@
+"""Vision probe command: probe-vision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EXIT_BACKEND
+from ..probe import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, probe_vision
+from .app import JsonOpt, RootOpt, app, echo_json, settings_for
+
+
+@app.command("probe-vision")
+def probe_vision_cmd(
+    name: Annotated[str, typer.Argument(help="Logical name, alias or served id.")],
+    image: Annotated[
+        Path | None, typer.Argument(help="Image to send (any format Pillow reads); default: the canonical image.")
+    ] = None,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Activate the entry first when it is not the active backend.")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for each request.")] = DEFAULT_TIMEOUT_S,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Answer budget (reasoning models need room to think).")
+    ] = DEFAULT_MAX_TOKENS,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+) -> None:
+    """Prove a model really sees: send an image, check the answer (exit 0 vision_ok, 6 failed, 64 bad image)."""
+    settings = settings_for(root)
+    result = probe_vision(settings, name, image, activate=activate, timeout_s=timeout, max_tokens=max_tokens)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        typer.echo(result.format_text())
+    if not result.vision_ok:
+        typer.echo(f"error: vision probe of {result.name!r} failed: {result.error}", err=True)
+        raise typer.Exit(EXIT_BACKEND)

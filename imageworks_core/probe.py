@@ -1,0 +1,526 @@
+"""The vision probe: evidence that a model really sees, instead of trusting its declared ``vision`` capability.
+
+One image goes to the model's OpenAI-compatible endpoint with a fixed question. ``vision_ok`` needs HTTP 200, a
+non-empty answer and, when the server reports ``usage.prompt_tokens``, more prompt tokens than a text-only
+control request with the same question (so a server that silently drops the image fails). Without a user image
+the probe sends the canonical image (a red circle and the digits 42, drawn by the demo backend's own function),
+whose content is known, and ``grounded`` says whether the answer names it.
+
+Input images are validated before anything is sent (real image by content, size limit, Pillow's
+decompression-bomb guard, full decode), turned upright by their EXIF orientation, converted to RGB, fitted to
+the entry's long edge and sent as a ``data:`` URL whose MIME type matches the encoded bytes. Every run is
+recorded in the history DB (sha256 and size of the image, never its bytes); a failure is also an audit event.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import time
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+from . import audit, history
+from .errors import ProbeError, UsageError
+from .registry import load_registry
+from .schema import ModelEntry
+from .selection import endpoint_for
+from .settings import Settings
+
+PROBE_VERSION = 1
+"""Bumped whenever the question, image or pass criteria change, so old results stay comparable."""
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+"""Largest accepted input file; the dashboard's upload limit (``server.maxUploadSize`` = 20 MB) matches it."""
+DEFAULT_TARGET_LONG_EDGE = 448
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_TOKENS = 256
+CONTROL_MAX_TOKENS = 1
+"""The control request only needs its prompt-token count, so it asks for a single token."""
+JPEG_QUALITY = 90
+PROBE_QUESTION = "Describe this image: what shapes, colours and any text or numbers do you see?"
+CANONICAL_IMAGE_NAME = "canonical-probe.png"
+CANONICAL_CONTENT: dict[str, tuple[str, ...]] = {
+    "red": ("red",),
+    "circle": ("circle", "circular", "disc", "disk"),
+    "42": ("42", "forty-two", "forty two"),
+}
+"""Known content of the canonical image: the word reported as matched, and the spellings that count for it."""
+_PILLOW_DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, used if someone set Image.MAX_IMAGE_PIXELS = None
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+class ProbeImage(BaseModel):
+    """What was sent: identity and sizes of the image, never its bytes."""
+
+    name: str
+    sha256: str
+    original_bytes: int
+    original_format: str | None = None
+    original_size: tuple[int, int]
+    exif_orientation: int | None = None
+    sent_size: tuple[int, int]
+    sent_bytes: int
+    mime: str
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A validated image ready to send: the encoded bytes and their description."""
+
+    info: ProbeImage
+    data: bytes
+
+    @property
+    def data_url(self) -> str:
+        """``data:<mime>;base64,...`` for an OpenAI ``image_url`` content part."""
+        return f"data:{self.info.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+
+class ProbeResult(BaseModel):
+    """One probe run; ``to_dict()`` is what the CLI's ``--json``, the API and the history DB hold."""
+
+    name: str
+    vision_ok: bool
+    grounded: bool | None = None
+    matched: list[str] = Field(default_factory=list)
+    expected: list[str] = Field(default_factory=list)
+    answer: str = ""
+    reasoning: str = ""
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    control_prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    http_status: int | None = None
+    model: str
+    endpoint: str
+    question: str = PROBE_QUESTION
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    image: ProbeImage
+    probe_version: int = PROBE_VERSION
+    timestamp: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def format_text(self) -> str:
+        """``key: value`` lines (JSON-style lowercase booleans and null), multi-line text indented."""
+
+        def scalar(value: Any) -> str:
+            if isinstance(value, bool) or value is None:
+                return json.dumps(value)
+            return str(value)
+
+        def block(value: str) -> str:
+            return value.strip().replace("\n", "\n  ") if value.strip() else '""'
+
+        image = self.image
+        lines = [
+            f"name: {self.name}",
+            f"vision_ok: {scalar(self.vision_ok)}",
+            f"grounded: {scalar(self.grounded)}",
+            f"matched: [{', '.join(self.matched)}]",
+            f"answer: {block(self.answer)}",
+            f"reasoning: {block(self.reasoning)}",
+            f"latency_ms: {scalar(self.latency_ms)}",
+            f"prompt_tokens: {scalar(self.prompt_tokens)}",
+            f"control_prompt_tokens: {scalar(self.control_prompt_tokens)}",
+            f"model: {self.model}",
+            f"endpoint: {self.endpoint}",
+            f"image: {image.name} {image.original_size[0]}x{image.original_size[1]} -> "
+            f"{image.sent_size[0]}x{image.sent_size[1]} {image.mime} sha256 {image.sha256}",
+            f"probe_version: {self.probe_version}",
+            f"timestamp: {self.timestamp}",
+        ]
+        if self.error:
+            lines.append(f"error: {self.error}")
+        return "\n".join(lines)
+
+
+# Image preparation -------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def canonical_image_bytes() -> bytes:
+    """The canonical probe image as PNG bytes (drawn by the demo backend, whose recogniser agrees with it)."""
+    from .demo_backend import make_canonical_probe_image
+
+    buffer = io.BytesIO()
+    make_canonical_probe_image().save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pixel_limit() -> int:
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or _PILLOW_DEFAULT_MAX_PIXELS
+
+
+def prepare_image(data: bytes, name: str, target_long_edge: int) -> PreparedImage:
+    """Validate, orient, convert and resize an image; UsageError (one line, naming the problem) when bad.
+
+    Pure: nothing is read from disk or sent. The file is judged by its content, never its extension.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise UsageError(f"image {name}: empty file (0 bytes), not an image")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise UsageError(f"image {name}: {len(data)} bytes is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit")
+    limit = _pixel_limit()
+    fmt: str | None = None
+    width = height = 0
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice its limit; here any image over the limit is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt = probe.format
+                width, height = probe.size
+                if width * height > limit:
+                    raise Image.DecompressionBombError(f"{width}x{height}")
+                probe.verify()
+            # verify() leaves the image unusable; decode fully from a fresh handle to catch truncation.
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                orientation = img.getexif().get(0x0112)
+                upright = ImageOps.exif_transpose(img)
+                rgb = _flatten_to_rgb(upright)
+    except UnidentifiedImageError:
+        raise UsageError(
+            f"image {name}: not an image Pillow can read (the content is no known image format, whatever the extension)"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Image.open itself may refuse before the size is known here; Pillow's message then names it.
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        size = (
+            f"{width}x{height} = {width * height} pixels"
+            if width
+            else (f"{counted.group(1)} pixels" if counted else "the pixel count")
+        )
+        raise UsageError(
+            f"image {name}: {size} is over the limit of {limit} pixels (decompression-bomb guard)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"image {name}: corrupt or truncated {fmt or 'image'} data ({detail})") from None
+
+    long_edge = max(rgb.size)
+    if long_edge > target_long_edge:
+        scale = target_long_edge / long_edge
+        fitted = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(fitted, Image.Resampling.LANCZOS)
+    # Photos stay JPEG (small, no visible loss); everything else goes lossless so drawn text keeps its edges.
+    out_format, mime = ("JPEG", "image/jpeg") if fmt == "JPEG" else ("PNG", "image/png")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format=out_format, **({"quality": JPEG_QUALITY} if out_format == "JPEG" else {}))
+    encoded = buffer.getvalue()
+    info = ProbeImage(
+        name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        original_bytes=len(data),
+        original_format=fmt,
+        original_size=(width, height),
+        exif_orientation=int(orientation) if isinstance(orientation, int) else None,
+        sent_size=rgb.size,
+        sent_bytes=len(encoded),
+        mime=mime,
+    )
+    return PreparedImage(info=info, data=encoded)
+
+
+def _flatten_to_rgb(img: Any) -> Any:
+    """RGB with transparency flattened onto white (how a viewer shows it), first frame of animations."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _read_image_file(path: Path) -> bytes:
+    if not path.exists():
+        raise UsageError(f"image {path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"image {path}: is a directory, not an image file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise UsageError(
+                f"image {path.name}: {size} bytes is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit"
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"image {path}: cannot read ({exc.strerror or exc})") from None
+
+
+# Grounding ---------------------------------------------------------------------------------------------------
+def match_canonical_content(text: str) -> list[str]:
+    """The canonical image's content words that ``text`` names (whole words, any case)."""
+    lowered = text.lower()
+    return [
+        word
+        for word, spellings in CANONICAL_CONTENT.items()
+        if any(re.search(rf"(?<![\w-]){re.escape(s)}(?![\w-])", lowered) for s in spellings)
+    ]
+
+
+# Target resolution -------------------------------------------------------------------------------------------
+def activate_command(name: str) -> str:
+    """The exact shell command that activates ``name`` (quoted: names may contain parentheses)."""
+    return f"imageworks-models activate-model {shlex.quote(name)}"
+
+
+def _resolve_endpoint(settings: Settings, entry: ModelEntry, activate: bool) -> str:
+    if entry.backend is None:
+        raise ProbeError(f"{entry.name!r} has no backend configured; set backend and backend_config first")
+    if not entry.is_process_backend:
+        return endpoint_for(entry, settings)
+    from . import runtime
+
+    if activate:
+        state = runtime.activate(settings, entry.name)
+        return state.base_url.rstrip("/")
+    state = runtime.read_state(settings)
+    if state is not None and state.name == entry.name and state.status == "ready":
+        return state.base_url.rstrip("/")
+    if state is None:
+        active = "no backend is active"
+    elif state.name == entry.name:
+        active = f"its backend is {state.status}, not ready"
+    else:
+        active = f"the active backend is {state.name!r} ({state.status})"
+    raise ProbeError(
+        f"{entry.name!r} is not the active backend ({active}); activate it first: {activate_command(entry.name)}"
+        " (or rerun the probe with --activate)"
+    )
+
+
+# The request ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Reply:
+    status: int
+    content: str
+    reasoning: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+
+
+class _RequestFailed(Exception):
+    """A request that got no usable answer; the message is the one-line ``error`` of the result."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return _one_line(response.text, 200) or "(empty body)"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return _one_line(str(error["message"]), 200)
+    if isinstance(error, str):
+        return _one_line(error, 200)
+    if isinstance(body, dict) and body.get("detail"):
+        return _one_line(str(body["detail"]), 200)
+    return _one_line(response.text, 200)
+
+
+def _text_of(value: Any) -> str:
+    """Message content as text: a string, or the text parts of a list of content parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _post_chat(client: httpx.Client, url: str, payload: dict[str, Any], headers: dict[str, str]) -> _Reply:
+    try:
+        response = client.post(url, json=payload, headers=headers)
+    except httpx.TimeoutException:
+        timeout = client.timeout.read
+        raise _RequestFailed(f"timeout: no answer from {url} within {timeout:g} s") from None
+    except httpx.ConnectError as exc:
+        raise _RequestFailed(f"cannot connect to {url}: {_one_line(str(exc)) or 'connection failed'}") from None
+    except httpx.HTTPError as exc:
+        raise _RequestFailed(f"request to {url} failed: {type(exc).__name__}: {_one_line(str(exc))}") from None
+    if response.status_code != 200:
+        raise _RequestFailed(f"HTTP {response.status_code} from {url}: {_error_message(response)}")
+    try:
+        body = response.json()
+    except ValueError:
+        raise _RequestFailed(
+            f"malformed response from {url}: HTTP 200 but the body is not JSON ({_one_line(response.text, 60)!r})"
+        ) from None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    message = (
+        choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+    )
+    if not isinstance(message, dict):
+        raise _RequestFailed(f"malformed response from {url}: JSON without choices[0].message")
+    content = _text_of(message.get("content"))
+    reasoning = _text_of(message.get("reasoning_content")) or _text_of(message.get("reasoning"))
+    # Servers without a reasoning parser leave the thinking inline.
+    thoughts = _THINK_BLOCK.findall(content)
+    if thoughts:
+        content = _THINK_BLOCK.sub("", content)
+        reasoning = reasoning or "\n".join(t.strip() for t in thoughts)
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    prompt_tokens = usage.get("prompt_tokens")
+    completion_tokens = usage.get("completion_tokens")
+    return _Reply(
+        status=response.status_code,
+        content=content.strip(),
+        reasoning=reasoning.strip(),
+        prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
+        completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
+        finish_reason=choices[0].get("finish_reason"),
+    )
+
+
+def _auth_headers(entry: ModelEntry) -> dict[str, str]:
+    key_env = entry.backend_config.api_key_env
+    key = os.environ.get(key_env) if key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+# The probe -------------------------------------------------------------------------------------------------------
+def probe_vision(
+    settings: Settings,
+    name: str,
+    image_path: str | os.PathLike[str] | None = None,
+    *,
+    image_bytes: bytes | None = None,
+    image_name: str | None = None,
+    activate: bool = False,
+    timeout_s: float | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> ProbeResult:
+    """Probe whether ``name`` really sees an image; the run is recorded in history (and audited when failed).
+
+    The image is ``image_path``, else ``image_bytes`` (an upload, called ``image_name``), else the canonical
+    probe image (the only case where ``grounded`` is known). Raises UsageError for bad arguments or a bad image
+    (nothing sent or recorded), UnknownModelError for an unknown name, ProbeError when a process-backed entry is
+    not the active backend and ``activate`` is false, BackendError when activation fails. Network and protocol
+    failures do not raise: they give ``vision_ok=False`` with a one-line ``error``.
+    """
+    timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    if timeout <= 0:
+        raise UsageError(f"timeout must be positive, got {timeout:g}")
+    if max_tokens < 1:
+        raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
+    if image_path is not None and image_bytes is not None:
+        raise UsageError("give an image path or image bytes, not both")
+    entry = load_registry(settings=settings).get(name)
+    target = entry.vision_target_long_edge or DEFAULT_TARGET_LONG_EDGE
+    canonical = image_path is None and image_bytes is None
+    if image_path is not None:
+        path = Path(image_path)
+        prepared = prepare_image(_read_image_file(path), path.name, target)
+    elif image_bytes is not None:
+        prepared = prepare_image(image_bytes, image_name or "upload", target)
+    else:
+        prepared = prepare_image(canonical_image_bytes(), CANONICAL_IMAGE_NAME, target)
+
+    endpoint = _resolve_endpoint(settings, entry, activate)
+    url = f"{endpoint}/chat/completions"
+    model = entry.effective_served_id
+    image_payload = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": prepared.data_url}},
+                    {"type": "text", "text": PROBE_QUESTION},
+                ],
+            }
+        ],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    control_payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROBE_QUESTION}],
+        "temperature": 0,
+        "max_tokens": CONTROL_MAX_TOKENS,
+    }
+    result = ProbeResult(
+        name=entry.name,
+        vision_ok=False,
+        model=model,
+        endpoint=endpoint,
+        max_tokens=max_tokens,
+        image=prepared.info,
+        expected=list(CANONICAL_CONTENT) if canonical else [],
+        timestamp=history.now_iso(),
+    )
+    headers = _auth_headers(entry)
+    with httpx.Client(timeout=httpx.Timeout(timeout)) as client:
+        started = time.perf_counter()
+        try:
+            reply = _post_chat(client, url, image_payload, headers)
+        except _RequestFailed as exc:
+            result.latency_ms = round((time.perf_counter() - started) * 1000, 1)
+            result.error = str(exc)
+        else:
+            result.latency_ms = round((time.perf_counter() - started) * 1000, 1)
+            result.http_status = reply.status
+            result.answer = reply.content
+            result.reasoning = reply.reasoning
+            result.prompt_tokens = reply.prompt_tokens
+            result.completion_tokens = reply.completion_tokens
+            result.finish_reason = reply.finish_reason
+            if canonical:
+                result.matched = match_canonical_content(reply.content)
+                result.grounded = len(result.matched) == len(CANONICAL_CONTENT)
+            result.error = _judge(client, url, control_payload, headers, result)
+            result.vision_ok = result.error is None
+
+    history.record_probe(settings, entry.name, result.to_dict())
+    if result.vision_ok:
+        audit.log_event(settings, "probe", name=entry.name, vision_ok=True, grounded=result.grounded, endpoint=endpoint)
+    else:
+        audit.log_event(settings, "probe_failure", name=entry.name, error=result.error, endpoint=endpoint)
+    return result
+
+
+def _judge(
+    client: httpx.Client, url: str, control_payload: dict[str, Any], headers: dict[str, str], result: ProbeResult
+) -> str | None:
+    """Why a 200 answer does not prove vision (None when it does); runs the control request when needed."""
+    if not result.answer:
+        finish = f" (finish_reason {result.finish_reason})" if result.finish_reason else ""
+        return f"empty answer{finish}; the model produced no content for the image question"
+    if result.prompt_tokens is None:
+        return None
+    try:
+        control = _post_chat(client, url, control_payload, headers)
+    except _RequestFailed as exc:
+        return f"text-only control request failed: {exc}"
+    result.control_prompt_tokens = control.prompt_tokens
+    if control.prompt_tokens is None:
+        return None
+    if result.prompt_tokens <= control.prompt_tokens:
+        return (
+            f"the image was not counted: {result.prompt_tokens} prompt tokens with the image, "
+            f"{control.prompt_tokens} without it (the server ignored or dropped the image)"
+        )
+    return None
