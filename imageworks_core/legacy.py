@@ -62,7 +62,7 @@ from pydantic import BaseModel
 
 from . import audit, history
 from .errors import RegistryError, UsageError, ValidationError
-from .registry import WRITE_LOCK_TIMEOUT_S, Registry, _lock_for, build_registry, write_snapshot
+from .registry import WRITE_LOCK_TIMEOUT_S, Registry, build_registry, lock_for, write_snapshot
 from .registry_file import atomic_write_text, render_new_file
 from .schema import CAPABILITY_NAMES, NAME_PATTERN, PROCESS_BACKENDS, BackendConfig, ModelEntry
 from .settings import Settings
@@ -1117,7 +1117,7 @@ def _write_pair(
     actor = audit.current_actor(settings)
     snapshot = settings.snapshot_path
     try:
-        with _lock_for(settings.curated_path), _lock_for(settings.discovered_path):
+        with lock_for(settings.curated_path), lock_for(settings.discovered_path):
             before = {path: _read_text(path) for path in (*texts, snapshot)}
             protected = _protected(settings, before)
             if protected and not force:

@@ -316,7 +316,8 @@ def _layer_path(settings: Settings, layer: Layer) -> Path:
     return settings.curated_path if layer == "curated" else settings.discovered_path
 
 
-def _lock_for(path: Path) -> FileLock:
+def lock_for(path: Path) -> FileLock:
+    """The inter-process lock every writer of ``path`` takes (``<file>.lock`` beside it)."""
     return FileLock(str(path) + ".lock", timeout=WRITE_LOCK_TIMEOUT_S)
 
 
@@ -339,7 +340,7 @@ def _write_layer(
     actor = actor or audit.current_actor(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _lock_for(path):
+        with lock_for(path):
             parsed = read_registry_text(path)
             entries, new_text = compute(parsed)
             other_path = _layer_path(settings, "discovered" if layer == "curated" else "curated")
@@ -403,7 +404,7 @@ def write_snapshot(settings: Settings, registry: Registry | None = None) -> Path
     registry = registry or load_registry(force=True, settings=settings)
     data = [entry.model_dump(mode="json", exclude_defaults=True) for entry in registry]
     path = settings.snapshot_path
-    with _lock_for(path):
+    with lock_for(path):
         atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return path
 
