@@ -4,3 +4,4 @@ from . import registry_cmds  # noqa: F401
 from . import api_cmds  # noqa: F401
 from . import probe_cmds  # noqa: F401
 from . import verify_cmds  # noqa: F401
+from . import runtime_cmds  # noqa: F401

@@ -1,0 +1,495 @@
+"""The single-port runtime against real processes: the demo backend with fault switches, and `transformers serve`.
+
+Every test runs in a temporary root on its own free port; every process a test starts carries a marker in its
+environment, and the fixture kills whatever still carries it afterwards (a failing test leaks nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import e2e_backend
+import httpx
+import psutil
+import pytest
+from conftest import free_port, require
+
+from imageworks_core import history, runtime
+from imageworks_core.audit import read_events
+from imageworks_core.errors import BackendError, LockViolationError
+from imageworks_core.settings import Settings, get_settings
+
+A, B = "alpha_(CPU)", "beta_(CPU)"
+STOP_TIMEOUT_S = 1.0
+MARKER = "IMAGEWORKS_RUNTIME_TEST"
+DEMO_WEIGHTS = "demo/models/imageworks-demo-vision"
+
+
+def demo_entry(name: str, served: str, *flags: str, **overrides: Any) -> dict[str, Any]:
+    """A demo-backend entry; ``flags`` are the demo backend's fault switches."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "backend": "vllm",
+        "served_model_id": served,
+        "capabilities": {"text": True, "vision": True},
+        "download_path": DEMO_WEIGHTS,
+        "backend_config": {
+            "launch": [
+                "{python}",
+                "-m",
+                "imageworks_core.demo_backend",
+                "--host",
+                "{host}",
+                "--port",
+                "{port}",
+                "--served-model-name",
+                "{served_model_id}",
+                *flags,
+            ],
+            "startup_timeout_s": 20,
+        },
+    }
+    entry.update(overrides)
+    return entry
+
+
+class Runtime:
+    """A temp root with its own port, a marker for every process started from it, and registry helpers."""
+
+    def __init__(self, settings: Settings, marker: str) -> None:
+        self.settings = settings
+        self.marker = marker
+
+    @property
+    def port(self) -> int:
+        return self.settings.vllm_port
+
+    def registry(self, *entries: dict[str, Any]) -> None:
+        for entry in entries:
+            entry.setdefault("backend_config", {}).setdefault("env", {})[MARKER] = self.marker
+        self.settings.curated_path.write_text(json.dumps(list(entries), indent=2), encoding="utf-8")
+
+    def state_json(self) -> dict[str, Any] | None:
+        path = self.settings.active_state_path
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes started for this test (found by the marker in their environment)."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARKER) == self.marker:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def backends(self) -> list[psutil.Process]:
+        return [p for p in self.processes() if "imageworks_core.demo_backend" in " ".join(p.cmdline())]
+
+    def served_ids(self) -> list[str]:
+        reply = httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=5, trust_env=False)
+        return [m["id"] for m in reply.json()["data"]]
+
+    def port_accepts(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def cli_env(self) -> dict[str, str]:
+        return {**os.environ, "IMAGEWORKS_ROOT": str(self.settings.root)}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def rt(root: Settings, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
+    monkeypatch.setenv("CHAT_PROXY_VLLM_STOP_TIMEOUT_S", str(STOP_TIMEOUT_S))
+    runtime_ = Runtime(get_settings(root.root), uuid.uuid4().hex)
+    runtime_.registry(demo_entry(A, "test/alpha"), demo_entry(B, "test/beta"))
+    yield runtime_
+    leftovers = runtime_.processes()
+    for proc in leftovers:
+        try:
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leftovers, timeout=5)
+    for popen in list(runtime._spawned.values()):
+        popen.poll()
+    assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
+
+
+# The lifecycle ---------------------------------------------------------------------------------------------
+def test_activate_current_switch_stop(rt: Runtime, cli) -> None:
+    result = cli("activate-model", A)
+    assert result.code == 0, result.err
+    assert f"{A} ready at http://127.0.0.1:{rt.port}/v1" in result.out
+    # Off a terminal the progress is one line per phase.
+    assert "starting:" in result.err and "ready:" in result.err
+    state = rt.state_json()
+    assert state is not None and state["name"] == A and state["status"] == "ready"
+    assert state["served_model_id"] == "test/alpha" and state["port"] == rt.port and state["pgid"] == state["pid"]
+    assert state["base_url"] == f"http://127.0.0.1:{rt.port}/v1"
+    assert psutil.Process(state["pid"]).create_time() == pytest.approx(state["create_time"], abs=0.05)
+    assert rt.served_ids() == ["test/alpha"]
+    first_pid = state["pid"]
+
+    shown = cli("current-model")
+    assert shown.code == 0, shown.err
+    assert f"name:      {A}" in shown.out and "status:    ready (healthy)" in shown.out
+    assert f"endpoint:  http://127.0.0.1:{rt.port}/v1" in shown.out and f"pid:       {first_pid}" in shown.out
+    assert "gpu" in shown.out  # figures with NVML, else the reason there are none
+    data = json.loads(cli("current-model", "--json").out)
+    assert data["name"] == A and data["healthy"] is True and data["alive"] is True and data["uptime_s"] >= 0
+    status = runtime.current(rt.settings)
+    assert status is not None and status.status == "ready" and status.pid == first_pid
+
+    # Switch through the API: the first backend is gone, the port serves the second.
+    phases: list[str] = []
+    second = runtime.activate(rt.settings, B, on_progress=lambda phase, _t, _d: phases.append(phase))
+    assert phases[0] == "preflight" and "stopping" in phases and phases[-1] == "ready"
+    assert second.name == B and second.status == "ready" and second.pid != first_pid
+    assert gone(first_pid)
+    assert rt.served_ids() == ["test/beta"]
+    assert [p.pid for p in rt.backends()] == [second.pid]
+    assert runtime.read_state(rt.settings) == second
+
+    stopped = cli("activate-model", "--stop")
+    assert stopped.code == 0, stopped.err
+    assert f"stopped {B!r}" in stopped.out and "(SIGTERM)" in stopped.out
+    assert rt.state_json() is None and gone(second.pid) and not rt.port_accepts() and rt.processes() == []
+    again = cli("activate-model", "--stop")  # idempotent
+    assert again.code == 0 and "nothing to stop" in again.out
+    assert cli("current-model").out.strip() == "no model active"
+    assert json.loads(cli("current-model", "--json").out) is None
+
+    rows = history.list_activations(rt.settings)[::-1]
+    assert [(r["name"], r["action"], r["result"]) for r in rows] == [
+        (A, "activate", "ready"),
+        (A, "stop", "stopped"),
+        (B, "activate", "ready"),
+        (B, "stop", "stopped"),
+    ]
+    assert rows[2]["stop_s"] > 0 and rows[2]["start_to_ready_s"] > 0 and rows[2]["pid"] == second.pid
+    assert all(r["actor"] for r in rows)
+    events = [(e["event"], e["name"]) for e in read_events(rt.settings)][::-1]
+    assert events == [("activation", A), ("stop", A), ("activation", B), ("stop", B)]
+
+
+def test_activating_the_active_entry_again_keeps_its_process(rt: Runtime) -> None:
+    first = runtime.activate(rt.settings, A)
+    assert runtime.activate(rt.settings, A) == first
+    assert [p.pid for p in rt.backends()] == [first.pid]
+    runtime.stop(rt.settings)
+
+
+# Failures while starting ---------------------------------------------------------------------------------
+def test_crash_at_start_exits_6_with_log_tail_and_leaves_failed_not_starting(rt: Runtime, cli) -> None:
+    rt.registry(demo_entry(A, "test/alpha", "--crash-at-start"))
+    result = cli("activate-model", A)
+    assert result.code == 6
+    assert f"error: {A!r}: backend exited with code 3 before it was ready" in result.err
+    assert "--- last" in result.err and "simulated crash at start (--crash-at-start)" in result.err
+    state = rt.state_json()
+    assert state is not None and state["status"] == "failed" and "exited with code 3" in state["error"]
+    assert any("simulated crash" in line for line in runtime.tail_backend_log(rt.settings, A))
+    assert rt.processes() == []
+    status = runtime.current(rt.settings)
+    assert status is not None and status.status == "failed" and status.alive is False
+    assert "status:    failed" in cli("current-model").out
+    assert history.list_activations(rt.settings)[0]["result"] == "failed"
+    assert read_events(rt.settings, "activation_failed")[0]["name"] == A
+    # The next activation replaces the failed state.
+    rt.registry(demo_entry(A, "test/alpha"))
+    assert runtime.activate(rt.settings, A).status == "ready"
+    runtime.stop(rt.settings)
+
+
+def test_unhealthy_backend_times_out_and_its_group_is_stopped(rt: Runtime, cli) -> None:
+    rt.registry(demo_entry(A, "test/alpha", "--unhealthy"))
+    started = time.monotonic()
+    result = cli("activate-model", A, "--timeout", "1")
+    assert result.code == 6
+    assert time.monotonic() - started < 1 + STOP_TIMEOUT_S + 3
+    assert f"{A!r}: not ready after 1s (/health answered 503)" in result.err
+    assert rt.state_json()["status"] == "failed"
+    assert rt.processes() == [] and not rt.port_accepts()
+
+
+def test_ready_requires_models_to_list_our_served_id(rt: Runtime) -> None:
+    # The server answers /health but serves another model id: not proof it is ours.
+    entry = demo_entry(A, "test/alpha")
+    entry["backend_config"]["launch"][-1] = "someone/else"
+    rt.registry(entry)
+    with pytest.raises(runtime.ActivationError) as caught:
+        runtime.activate(rt.settings, A, timeout_s=1)
+    assert "/v1/models lists ['someone/else'], not 'test/alpha'" in caught.value.summary
+    assert caught.value.exit_code == 6 and rt.processes() == []
+
+
+def test_missing_health_path_falls_back_to_models(rt: Runtime) -> None:
+    entry = demo_entry(A, "test/alpha")
+    entry["backend_config"]["health_path"] = "/no-such-health"  # the demo server answers 404
+    rt.registry(entry)
+    assert runtime.activate(rt.settings, A).status == "ready"
+    runtime.stop(rt.settings)
+
+
+def test_interrupted_activation_stops_the_backend_and_marks_failed(rt: Runtime) -> None:
+    rt.registry(demo_entry(A, "test/alpha", "--slow-start", "30"))
+
+    def interrupt(phase: str, _elapsed: float, _detail: str) -> None:
+        if phase == "waiting":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runtime.activate(rt.settings, A, on_progress=interrupt)
+    state = rt.state_json()
+    assert state["status"] == "failed" and "interrupted" in state["error"]
+    assert gone(state["pid"]) and rt.processes() == []
+
+
+# Stopping ------------------------------------------------------------------------------------------------
+def test_sigterm_ignoring_backend_is_killed_after_the_stop_timeout(rt: Runtime, cli) -> None:
+    rt.registry(demo_entry(A, "test/alpha", "--ignore-sigterm"))
+    state = runtime.activate(rt.settings, A)
+    started = time.monotonic()
+    result = runtime.stop(rt.settings)
+    elapsed = time.monotonic() - started
+    assert result is not None and result.signal == "SIGKILL" and result.stopped_pids == [state.pid]
+    assert STOP_TIMEOUT_S <= result.stop_s < STOP_TIMEOUT_S + 2 and elapsed < STOP_TIMEOUT_S + 3
+    assert gone(state.pid) and rt.state_json() is None
+    assert history.list_activations(rt.settings)[0]["result"] == "killed"
+    assert read_events(rt.settings, "stop")[0]["signal"] == "SIGKILL"
+
+
+def test_backend_children_are_stopped_with_it(rt: Runtime) -> None:
+    rt.registry(demo_entry(A, "test/alpha", "--spawn-child"))
+    state = runtime.activate(rt.settings, A)
+    children = psutil.Process(state.pid).children(recursive=True)
+    assert len(children) == 1
+    result = runtime.stop(rt.settings)
+    assert result is not None and sorted(result.stopped_pids) == sorted([state.pid, children[0].pid])
+    assert gone(state.pid) and gone(children[0].pid) and rt.processes() == []
+
+
+def test_orphans_of_a_dead_backend_are_cleaned_by_current_model(rt: Runtime, cli) -> None:
+    rt.registry(demo_entry(A, "test/alpha", "--spawn-child"))
+    state = runtime.activate(rt.settings, A)
+    child = psutil.Process(state.pid).children()[0]
+    os.kill(state.pid, signal.SIGKILL)  # the backend dies on its own; its worker is orphaned, still in the group
+    psutil.wait_procs([psutil.Process(state.pid)], timeout=5)
+    runtime._reap(state.pid)
+    shown = cli("current-model")
+    assert shown.code == 0
+    assert f"stale state for {A!r} (pid {state.pid})" in shown.out and f"leftover pid(s) {child.pid}" in shown.out
+    assert gone(child.pid) and rt.state_json() is None and rt.processes() == []
+
+
+def test_stale_state_naming_a_reused_pid_kills_nothing(rt: Runtime, cli) -> None:
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        created = psutil.Process(stranger.pid).create_time()
+        fake = {
+            "name": A, "served_model_id": "test/alpha", "pid": stranger.pid, "create_time": created - 1000.0,
+            "pgid": stranger.pid, "host": "127.0.0.1", "port": rt.port, "base_url": f"http://127.0.0.1:{rt.port}/v1",
+            "argv": ["python"], "started_at": "2026-01-01T00:00:00Z", "status": "ready", "log_path": "x.log",
+        }  # fmt: skip
+        rt.settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        rt.settings.active_state_path.write_text(json.dumps(fake))
+        shown = cli("current-model")
+        assert shown.code == 0, shown.err
+        assert f"pid {stranger.pid} now belongs to another process" in shown.out
+        assert rt.state_json() is None and stranger.poll() is None
+
+        rt.settings.active_state_path.write_text(json.dumps(fake))
+        result = runtime.stop(rt.settings)
+        assert result is not None and result.stale and result.stopped_pids == [] and result.signal is None
+        assert rt.state_json() is None and stranger.poll() is None
+        assert history.list_activations(rt.settings)[0]["result"] == "stale"
+
+        rt.settings.active_state_path.write_text(json.dumps(fake))
+        assert runtime.activate(rt.settings, B).status == "ready"  # replaces the stale state, spares the stranger
+        assert stranger.poll() is None
+        runtime.stop(rt.settings)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_stop_on_unreadable_state_file_clears_it_without_signalling(rt: Runtime, cli) -> None:
+    rt.settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    rt.settings.active_state_path.write_text("{not json")
+    assert runtime.stop(rt.settings) is None
+    assert rt.state_json() is None
+
+
+# Concurrency ---------------------------------------------------------------------------------------------
+def test_concurrent_activations_end_with_one_backend_and_a_consistent_state(rt: Runtime) -> None:
+    commands = [[sys.executable, "-m", "imageworks_core.cli", "activate-model", name] for name in (A, B)]
+    procs = [
+        subprocess.Popen(cmd, env=rt.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in commands
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    backends = rt.backends()
+    assert len(backends) == 1
+    state = rt.state_json()
+    assert state["status"] == "ready" and state["pid"] == backends[0].pid
+    served = {A: "test/alpha", B: "test/beta"}[state["name"]]
+    assert rt.served_ids() == [served]
+    rows = history.list_activations(rt.settings)[::-1]
+    # Serialised by the lock: activate, stop (by the second), activate.
+    assert [(r["action"], r["result"]) for r in rows] == [
+        ("activate", "ready"),
+        ("stop", "stopped"),
+        ("activate", "ready"),
+    ]
+    assert rows[2]["name"] == state["name"]
+    runtime.stop(rt.settings)
+
+
+def test_activation_lock_wait_is_bounded_and_names_the_holder(rt: Runtime) -> None:
+    with runtime._activation_lock(rt.settings, 1, "a test holding the lock"):
+        with pytest.raises(BackendError) as caught:
+            runtime.stop(rt.settings, lock_timeout_s=0.3)
+    assert f"another activation (pid {os.getpid()}: a test holding the lock since" in caught.value.message
+
+
+# Preflight -----------------------------------------------------------------------------------------------
+def test_locked_entry_with_drift_is_refused_unless_forced(rt: Runtime, cli) -> None:
+    from imageworks_core.verification import lock_entry
+
+    lock_entry(rt.settings, A, set_expected=True)
+    assert runtime.activate(rt.settings, A).status == "ready"  # locked and intact: fine
+    runtime.stop(rt.settings)
+    weights = rt.settings.resolve_path(DEMO_WEIGHTS)
+    with (weights / "config.json").open("a") as handle:
+        handle.write("\n")  # drift
+
+    refused = cli("activate-model", A)
+    assert refused.code == 2
+    assert f"{A!r} is locked and its weights failed fast verification (drift" in refused.err
+    assert "--force" in refused.err
+    assert rt.state_json() is None and rt.processes() == []
+    assert history.list_activations(rt.settings)[0]["result"] == "refused"
+
+    forced = cli("activate-model", A, "--force")
+    assert forced.code == 0, forced.err
+    violation = read_events(rt.settings, "lock_violation")[0]
+    assert violation["name"] == A and violation["forced"] is True
+    runtime.stop(rt.settings)
+
+
+def test_locked_entry_refusal_uses_the_verifier_answer(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imageworks_core import verification
+
+    class Drift:
+        result, aggregate, expected = "drift", "aa", "bb"
+
+    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, fast=False: Drift())
+    entry = demo_entry(A, "test/alpha", version_lock={"locked": True, "expected_aggregate_sha256": "bb" * 32})
+    rt.registry(entry)
+    with pytest.raises(LockViolationError) as caught:
+        runtime.activate(rt.settings, A)
+    assert caught.value.exit_code == 2 and "aggregate aa != expected bb" in caught.value.message
+
+
+def test_port_held_by_a_stranger_exits_6_naming_it(rt: Runtime, cli) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", rt.port))
+        holder.listen()
+        result = cli("activate-model", A)
+    assert result.code == 6
+    assert f"port {rt.port} on 127.0.0.1 is already in use by pid {os.getpid()}" in result.err
+    assert rt.state_json() is None and rt.processes() == []
+    assert read_events(rt.settings, "activation_failed")[0]["name"] == A
+
+
+@pytest.mark.parametrize(
+    ("entry", "code", "message"),
+    [
+        (demo_entry(A, "test/alpha", download_path="demo/models/not-downloaded"), 7, "does not exist"),
+        (demo_entry(A, "test/alpha", "--tp", "{gpus}"), 3, "unknown placeholder {gpus}"),
+        (
+            {"name": A, "backend": "openai", "backend_config": {"base_url": "https://example.invalid/v1"}},
+            6,
+            "nothing to activate; requests go to https://example.invalid/v1",
+        ),
+        (
+            demo_entry(A, "test/alpha", backend_config={"launch": ["/nonexistent/vllm", "serve", "{port}"]}),
+            6,
+            "'/nonexistent/vllm': No such file or directory",
+        ),
+    ],
+    ids=["missing-weights", "unknown-placeholder", "remote-backend", "missing-executable"],
+)
+def test_preflight_errors(rt: Runtime, cli, entry: dict[str, Any], code: int, message: str) -> None:
+    rt.registry(entry)
+    result = cli("activate-model", A)
+    assert result.code == code, result.err
+    assert message in result.err
+    assert rt.processes() == [] and (rt.state_json() or {}).get("status") != "starting"
+
+
+def test_cli_usage_and_unknown_name(rt: Runtime, cli) -> None:
+    assert cli("activate-model").code == 64
+    assert cli("activate-model", A, "--stop").code == 64
+    unknown = cli("activate-model", "alpah_(CPU)")
+    assert unknown.code == 4 and "did you mean 'alpha_(CPU)'" in unknown.err
+
+
+# A real inference server ---------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_e2e_transformers_serve_activate_switch_stop(rt: Runtime, cli) -> None:
+    require(*e2e_backend.inference_backend_available())
+    model = str(e2e_backend.tiny_llava_path())
+    llava = {
+        "name": "tiny-llava_(e2e)",
+        "backend": "vllm",
+        "served_model_id": e2e_backend.served_model_id_for(model),
+        "capabilities": {"text": True, "vision": True},
+        "download_path": model,
+        "backend_config": {
+            "launch": list(e2e_backend.TRANSFORMERS_SERVE_LAUNCH),
+            "env": dict(e2e_backend.launch_env()),
+            "health_path": e2e_backend.HEALTH_PATH,
+            "startup_timeout_s": 120,
+        },
+    }
+    rt.registry(llava, demo_entry(A, "test/alpha"))
+    result = cli("activate-model", "tiny-llava_(e2e)")
+    assert result.code == 0, result.err
+    state = runtime.read_state(rt.settings)
+    assert state is not None and state.status == "ready" and rt.served_ids() == [model]
+    status = runtime.current(rt.settings)
+    assert status is not None and status.healthy is True
+    workers = [state.pid, *(p.pid for p in psutil.Process(state.pid).children(recursive=True))]
+
+    assert runtime.activate(rt.settings, A).status == "ready"
+    assert all(gone(pid) for pid in workers) and rt.served_ids() == ["test/alpha"]
+    assert cli("activate-model", "--stop").code == 0
+    assert rt.processes() == []
