@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,6 +55,7 @@ STATUS_FOR: list[tuple[type[Exception], int]] = [
     (ImageWorksError, 400),
 ]
 _READ_ONLY_POSTS = {"/v1/select"}
+ACTIVE_CHECK_TTL_S = 1.0
 
 
 class SelectRequest(BaseModel):
@@ -133,14 +136,25 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     """Build the API for one deployment root. ``bind_host`` decides the token policy for mutations."""
     service = RegistryService(settings)
 
+    # The proxy asks "is this model serving?" on every request: answer from a 1 s cache keyed by the state
+    # file's stat, so the hot path costs one stat() instead of a JSON parse and a process lookup.
+    serving_cache: dict[str, Any] = {"stamp": None, "until": 0.0, "answers": {}}
+
     def is_active(name: str) -> bool:
         from . import runtime
 
-        state = runtime.read_state(settings)
-        if state is None or state.name != name or state.status != "ready":
+        try:
+            st = os.stat(settings.active_state_path)
+        except FileNotFoundError:
             return False
-        status = runtime.current(settings, check_health=False)
-        return status is not None and status.name == name
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        now = time.monotonic()
+        if serving_cache["stamp"] != stamp or now > serving_cache["until"]:
+            serving_cache.update(stamp=stamp, until=now + ACTIVE_CHECK_TTL_S, answers={})
+        answers = serving_cache["answers"]
+        if name not in answers:
+            answers[name] = runtime.is_serving(settings, name)
+        return answers[name]
 
     def activate(name: str) -> Any:
         from . import runtime

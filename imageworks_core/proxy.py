@@ -83,7 +83,7 @@ class SwitchCoordinator:
                 raise SwitchInProgress(self._target or "?")
             await asyncio.shield(self._task)
             return
-        if await asyncio.to_thread(self._is_active, name):
+        if self._is_active(name):  # cached stat() check: cheap enough for the event loop
             return
         # No await between the check above and here: the task is installed atomically w.r.t. other requests.
         self._target = name

@@ -917,6 +917,17 @@ def _status(state: ActiveState, **fields: Any) -> ActiveStatus:
     )
 
 
+def is_serving(settings: Settings, name: str) -> bool:
+    """Cheap check (no health request, no GPU query): the state says ``name`` is ready and its pid is ours."""
+    try:
+        state = read_state(settings)
+    except BackendError:
+        return False
+    if state is None or state.name != name or state.status != "ready":
+        return False
+    return _identify(state)[0] is not None
+
+
 def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | None:
     """The active backend with liveness, health, uptime and GPU figures; None when nothing is recorded.
 
