@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import shlex
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -236,7 +237,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
                     "error": {
                         "type": "LockViolationError",
                         "message": f"{entry.name!r} is locked and its last verification ({last['at']}) drifted; "
-                        f"inspect with `imageworks-models verify {entry.name}`",
+                        f"inspect with `imageworks-models verify {shlex.quote(entry.name)}`",
                         "reason": "locked_drift",
                     }
                 },

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +57,7 @@ def check_vision_allowed(settings: Settings, entry: ModelEntry) -> None:
         if probe is not None and not probe["vision_ok"]:
             raise CapabilityError(
                 f"{entry.name!r} failed its last vision probe at {probe['at']}; re-run "
-                f"`imageworks-models probe-vision {entry.name}` after fixing it",
+                f"`imageworks-models probe-vision {shlex.quote(entry.name)}` after fixing it",
                 entry.name,
                 ["vision"],
             )

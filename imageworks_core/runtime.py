@@ -16,6 +16,7 @@ One GPU, one port. Activating an entry stops whatever serves on the port and sta
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -664,7 +665,7 @@ def _check_lock(settings: Settings, entry: ModelEntry, force: bool, progress: _P
         )
         raise LockViolationError(
             f"{entry.name!r} is locked and its weights failed fast verification ({detail}); "
-            f"inspect with `imageworks-models verify {entry.name}`, or pass --force to activate anyway "
+            f"inspect with `imageworks-models verify {shlex.quote(entry.name)}`, or pass --force to activate anyway "
             "(recorded as a lock violation)",
             report=result,
         )

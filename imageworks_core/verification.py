@@ -11,6 +11,7 @@ history DB and the audit log; drift on a locked entry is logged as ``lock_violat
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +83,9 @@ class VerifyResult(BaseModel):
             )
         lines.append(f"  aggregate sha256: {self.aggregate}")
         if self.result == "unlocked":
-            lines.append(f"  no expected hash yet: pin it with `imageworks-models lock {self.name} --set-expected`")
+            lines.append(
+                f"  no expected hash yet: pin it with `imageworks-models lock {shlex.quote(self.name)} --set-expected`"
+            )
         elif self.result == "ok":
             lines.append(f"  OK: matches the expected aggregate ({'locked' if self.locked else 'pinned, not locked'})")
         else:
@@ -91,7 +94,7 @@ class VerifyResult(BaseModel):
                 lines.append(self.report.format_text())
             lines.append(
                 "  if the change is expected: re-run `imageworks-models lock "
-                f"{self.name} --set-expected`; if not: re-download with `imageworks-download download --force`"
+                f"{shlex.quote(self.name)} --set-expected`; if not: re-download with `imageworks-download download --force`"
             )
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -286,7 +289,7 @@ def lock_entry(
     if not set_expected:
         if not lock.get("expected_aggregate_sha256"):
             raise UsageError(
-                f"{entry.name!r} has no expected hash yet: run `imageworks-models lock {entry.name} --set-expected`"
+                f"{entry.name!r} has no expected hash yet: run `imageworks-models lock {shlex.quote(entry.name)} --set-expected`"
             )
         lock.update(locked=True, locked_at=now_iso(), locked_by=audit.current_actor(settings))
         update_entry(settings, entry.name, {"version_lock": lock}, command=f"lock {entry.name}", create=True)

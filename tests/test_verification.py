@@ -27,7 +27,7 @@ def test_verify_unpinned_prints_hash_and_how_to_lock(root: Settings, cli) -> Non
     result = cli("verify", DEMO)
     assert result.code == 0, result.err
     assert "aggregate sha256:" in result.out
-    assert f"imageworks-models lock {DEMO} --set-expected" in result.out
+    assert "imageworks-models lock 'demo-vision_(CPU)' --set-expected" in result.out
     rows = history.list_verifications(root, DEMO)
     assert rows[0]["result"] == "unlocked" and rows[0]["mode"] == "full"
 
