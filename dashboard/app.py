@@ -1,32 +1,41 @@
-"""ImageWorks dashboard entry point (placeholder: the registry table; pages grow with later issues)."""
+"""ImageWorks dashboard: ``streamlit run dashboard/app.py`` (or ``imageworks-dashboard`` / ``make run``).
+
+Pages (runbook wording): **Models** → Registry, Active Model, Vision Probe; **Settings** (with the Backends tab
+holding **Reload registry**). The deployment root comes from ``IMAGEWORKS_ROOT``.
+"""
 
 from __future__ import annotations
 
-import pandas as pd
+import sys
+from pathlib import Path
+
 import streamlit as st
 
-from imageworks_core.errors import RegistryError
-from imageworks_core.registry import load_registry
-from imageworks_core.settings import get_settings
+HERE = Path(__file__).resolve().parent
+# The pages import the shared modules next to this file (``ui``, ``jobs``), under AppTest as under `streamlit run`.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-st.set_page_config(page_title="ImageWorks Models", layout="wide")
-st.title("ImageWorks Models")
-settings = get_settings()
-try:
-    registry = load_registry(settings=settings)
-except RegistryError as exc:
-    st.error("Registry failed to load:\n\n" + "\n".join(f"- {line}" for line in exc.lines()))
-    st.stop()
-rows = [
-    {
-        "name": e.name,
-        "backend": e.backend,
-        "served id": e.effective_served_id,
-        "roles": ", ".join(e.roles),
-        "capabilities": ", ".join(e.capabilities.enabled()),
-        "weights": "n/a" if not e.download_path else ("present" if registry.weights_present(e.name) else "missing"),
-    }
-    for e in registry
-]
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-st.caption(f"Root: {settings.root}")
+import ui  # noqa: E402
+
+st.set_page_config(page_title="ImageWorks Models", page_icon="🖼️", layout="wide")
+
+PAGES = {
+    "Models": [
+        st.Page(HERE / "pages" / "registry.py", title="Registry", icon=":material/table_view:", default=True),
+        st.Page(
+            HERE / "pages" / "active_model.py", title="Active Model", icon=":material/memory:", url_path="active-model"
+        ),
+        st.Page(
+            HERE / "pages" / "vision_probe.py",
+            title="Vision Probe",
+            icon=":material/visibility:",
+            url_path="vision-probe",
+        ),
+    ],
+    "Settings": [st.Page(HERE / "pages" / "settings.py", title="Settings", icon=":material/settings:")],
+}
+
+page = st.navigation(PAGES)
+st.sidebar.caption(f"Root: `{ui.settings().root}`")
+page.run()

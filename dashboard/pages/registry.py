@@ -1,0 +1,552 @@
+"""Models → Registry: the merged registry table and each entry's detail, Verify Hash, Lock version, Edit metadata;
+Import from Download History; registry History with rollback."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import jobs
+import pandas as pd
+import streamlit as st
+import ui
+
+from imageworks_core import dashboard_data as dd
+from imageworks_core import history
+from imageworks_core.errors import ImageWorksError, UsageError
+from imageworks_core.hashing import DriftReport
+from imageworks_core.registry import Registry, filter_entries, rollback
+from imageworks_core.schema import CAPABILITY_NAMES, KNOWN_ROLES, Backend, ModelEntry
+from imageworks_core.selection import endpoint_for
+from imageworks_core.settings import Settings
+from imageworks_core.verification import lock_entry, unlock_entry, verify_entry
+
+TABLE_COLUMNS = {
+    "name": st.column_config.TextColumn("Name", pinned=True),
+    "status": st.column_config.TextColumn(
+        "Status", help="🔴 drift: a locked entry's last verification drifted; 🟠 missing: download_path does not exist"
+    ),
+    "backend": st.column_config.TextColumn("Backend"),
+    "served_id": st.column_config.TextColumn("Served id"),
+    "roles": st.column_config.ListColumn("Roles"),
+    "capabilities": st.column_config.TextColumn(
+        "Capabilities", help="📝 text 👁️ vision 🛠️ tools 🧭 embeddings 🧠 reasoning 🔊 audio"
+    ),
+    "format": st.column_config.TextColumn("Format"),
+    "quantization": st.column_config.TextColumn("Quant"),
+    "size_gib": st.column_config.NumberColumn("Size (GiB)", format="%.2f"),
+    "weights": st.column_config.TextColumn("Weights"),
+    "lock": st.column_config.TextColumn("Lock"),
+    "last_verification": st.column_config.TextColumn("Last verification"),
+    "last_probe": st.column_config.TextColumn("Last probe"),
+    "layer": st.column_config.TextColumn("Layer"),
+    "flags": st.column_config.TextColumn("Flags"),
+}
+
+
+# Verify Hash --------------------------------------------------------------------------------------------------
+def _verify_work(settings: Settings, name: str) -> jobs.Work:
+    return lambda report: verify_entry(settings, name, progress=report)
+
+
+def _lock_work(settings: Settings, name: str) -> jobs.Work:
+    return lambda report: lock_entry(settings, name, set_expected=True, progress=report)
+
+
+def render_hash_progress(job: jobs.Job) -> None:
+    """Live progress of a verification: bytes, files, MB/s, current file."""
+    if job.progress and len(job.progress) >= 4:
+        current = str(job.progress[4]) if len(job.progress) > 4 and job.progress[4] else ""
+        fraction, text = dd.verify_progress(*job.progress[:4], job.elapsed, current)
+    else:
+        fraction, text = 0.0, f"listing files… {job.elapsed:.1f} s"
+    st.progress(fraction, text=f"{job.label}: {text}")
+
+
+def render_drift(report: DriftReport) -> None:
+    """A drift report: files modified / added / removed, then the unified diff of each changed text file."""
+    tables = dd.drift_tables(report)
+    for kind in ("modified", "added", "removed"):
+        if tables[kind]:
+            st.markdown(f"**Files {kind}** ({len(tables[kind])})")
+            st.dataframe(pd.DataFrame(tables[kind]), hide_index=True, width="stretch")
+    for path, diff in tables["text_diffs"].items():
+        st.markdown(f"**Text diff: `{path}`**")
+        st.code(diff, language="diff")
+
+
+def render_verify_outcome(job: jobs.Job, action: str) -> None:
+    """The result of Verify Hash / Verify and lock."""
+    if job.error is not None:
+        report = getattr(job.error, "report", None)
+        ui.show_error(job.error, action)
+        if report is not None:
+            render_drift(report)
+        return
+    result = job.result
+    summary = dd.verify_summary(result)
+    figures = f"{summary['files']} files · {summary['size']} in {summary['duration']} ({summary['rate']})"
+    for note in summary["notes"]:
+        st.caption(note)
+    if action == "Verify and lock":
+        st.success(f"Locked: expected hash set to `{summary['aggregate']}` from a full verification · {figures}")
+    elif result.result == "ok":
+        st.success(f"Verify Hash: **ok** — matches the expected hash `{summary['aggregate']}` · {figures}")
+    elif result.result == "unlocked":
+        st.info(
+            f"Verify Hash: hash `{summary['aggregate']}` · {figures}. Nothing is expected yet: toggle **Lock version**"
+            " to pin it."
+        )
+    else:
+        st.error(
+            f"Verify Hash: **drift** — expected `{summary['expected']}`, found `{summary['aggregate']}` · {figures}. "
+            "If expected (new quant, patch release), re-lock with a fresh verification; if not, re-download with "
+            "`--force` and file an incident report (runbook §3)."
+        )
+        if getattr(result, "report", None) is not None:
+            render_drift(result.report)
+
+
+def verify_section(settings: Settings, entry: ModelEntry) -> None:
+    """The **Verify Hash** button with its live progress and the last result."""
+    name = entry.name
+    key = f"verify:{name}"
+    st.button(
+        "Verify Hash",
+        key="verify_hash",
+        type="primary",
+        icon=":material/fingerprint:",
+        disabled=jobs.busy() or not entry.download_path,
+        on_click=jobs.start,
+        args=(key, f"Verifying {name}", _verify_work(settings, name)),
+        help="Reads every byte under download_path and compares the aggregate hash with the locked one "
+        "(`imageworks-models verify`).",
+    )
+    if not entry.download_path:
+        st.caption("No download_path: nothing to verify (remote or Ollama entry).")
+    other = jobs.running()
+    if other is not None and other.key not in (key, f"lock:{name}"):
+        st.caption(f"{other.label} is running ({other.elapsed:.0f} s); long actions wait until it finishes.")
+    finished = jobs.wait(key, render_hash_progress)
+    if finished is not None:
+        st.session_state[f"outcome:{key}"] = finished
+        st.rerun()  # the buttons render enabled again and the table shows the new verification
+    outcome = st.session_state.get(f"outcome:{key}")
+    if outcome is not None:
+        render_verify_outcome(outcome, "Verify Hash")
+
+
+# Lock version -------------------------------------------------------------------------------------------------
+def _unlock(settings: Settings, name: str, reason_key: str) -> None:
+    reason = str(st.session_state.get(reason_key) or "").strip()
+    try:
+        unlock_entry(settings, name, reason=reason)
+    except ImageWorksError as exc:
+        st.session_state[f"outcome:lock:{name}"] = ("error", exc)
+        return
+    st.session_state[f"outcome:lock:{name}"] = ("success", f"Unlocked {name}; reason recorded: “{reason}”")
+
+
+def lock_section(settings: Settings, entry: ModelEntry) -> None:
+    """The **Lock version** toggle: locking runs a fresh full verification; unlocking asks for a reason."""
+    name = entry.name
+    locked = entry.locked
+    lock = entry.version_lock
+    state = dd.lock_state(entry)
+    if state == "locked" and lock is not None:
+        st.markdown(
+            f":material/lock: **Locked** · `{lock.algorithm}` `{lock.expected_aggregate_sha256}`  \n"
+            f"since {lock.locked_at or '?'} by {lock.locked_by or '?'}"
+        )
+    elif state == "pinned" and lock is not None:
+        st.markdown(f":material/lock_open: **Unlocked** (expected hash kept: `{lock.expected_aggregate_sha256}`)")
+        if lock.unlock_reason:
+            st.caption(f"Unlocked {lock.unlocked_at or ''} by {lock.unlocked_by or '?'}: {lock.unlock_reason}")
+    else:
+        st.markdown(":material/lock_open: **Unlocked** (no expected hash yet)")
+    # The key carries the lock state, so the toggle starts from the file's state after every change.
+    toggle_key = f"lock_toggle:{name}:{locked}"
+    want = st.toggle("Lock version", value=locked, key=toggle_key, disabled=jobs.busy() or not entry.download_path)
+
+    def reset() -> None:
+        st.session_state[toggle_key] = locked
+
+    job_key = f"lock:{name}"
+    if want and not locked:
+        st.info("Locking requires a fresh full verification: every byte is read and that hash becomes the lock.")
+        left, right = st.columns(2)
+        left.button(
+            "Verify and lock",
+            type="primary",
+            disabled=jobs.busy(),
+            on_click=jobs.start,
+            args=(job_key, f"Verifying {name} to lock it", _lock_work(settings, name)),
+        )
+        right.button("Cancel", key="lock_cancel", on_click=reset)
+    elif locked and not want:
+        reason_key = f"unlock_reason:{name}"
+        st.text_input(
+            "Reason for unlocking (recorded in the audit log)",
+            key=reason_key,
+            placeholder="incident / ticket reference",
+        )
+        reason = str(st.session_state.get(reason_key) or "").strip()
+        left, right = st.columns(2)
+        left.button("Unlock", type="primary", disabled=not reason, on_click=_unlock, args=(settings, name, reason_key))
+        right.button("Cancel", key="unlock_cancel", on_click=reset)
+        if not reason:
+            st.caption("The runbook asks for an incident report before unlocking in production: give its reference.")
+    finished = jobs.wait(job_key, render_hash_progress)
+    if finished is not None:
+        st.session_state[f"outcome:{job_key}"] = ("job", finished)
+        st.rerun()
+    outcome = st.session_state.get(f"outcome:{job_key}")
+    if outcome is not None:
+        kind, value = outcome
+        if kind == "job":
+            render_verify_outcome(value, "Verify and lock")
+        elif kind == "error":
+            ui.show_error(value, "Unlock")
+        else:
+            st.success(value)
+
+
+# Edit metadata ------------------------------------------------------------------------------------------------
+def edit_metadata_section(settings: Settings, registry: Registry, entry: ModelEntry) -> None:
+    """A form over the curated fields an operator owns; shows the diff, validates, saves atomically."""
+    name = entry.name
+    defaults = dd.metadata_defaults(registry, name)
+    role_options = sorted(set(KNOWN_ROLES) | {r for e in registry for r in e.roles})
+    with st.form(key=f"edit:{name}"):
+        roles = st.multiselect("Roles", role_options, default=defaults["roles"], key=f"edit_roles:{name}")
+        capabilities = st.multiselect(
+            "Capabilities", list(CAPABILITY_NAMES), default=defaults["capabilities"], key=f"edit_capabilities:{name}"
+        )
+        role_priority = st.number_input(
+            "Role priority (higher wins)", value=int(defaults["role_priority"]), step=1, key=f"edit_priority:{name}"
+        )
+        backend_config = st.text_area(
+            "backend_config (JSON)", value=defaults["backend_config"], height=180, key=f"edit_backend_config:{name}"
+        )
+        generation_defaults = st.text_area(
+            "generation_defaults (JSON)", value=defaults["generation_defaults"], key=f"edit_generation:{name}"
+        )
+        notes = st.text_area("Notes", value=defaults["notes"], key=f"edit_notes:{name}")
+        left, right = st.columns(2)
+        preview = left.form_submit_button("Preview diff", disabled=jobs.busy(), key=f"edit_preview:{name}")
+        save = right.form_submit_button("Save", type="primary", disabled=jobs.busy(), key=f"edit_save:{name}")
+    if not (preview or save):
+        return
+    try:
+        changes = dd.metadata_changes(
+            registry,
+            name,
+            roles=roles,
+            capabilities=capabilities,
+            role_priority=int(role_priority),
+            backend_config=backend_config,
+            generation_defaults=generation_defaults,
+            notes=notes,
+        )
+    except UsageError as exc:
+        ui.show_error(exc, "Edit metadata (nothing saved)")
+        return
+    if not changes:
+        st.info("No changes: the form matches the registry.")
+        return
+    change_preview = dd.preview_curated_change(settings, name, changes)
+    if not change_preview.ok:
+        st.error(
+            "**Not saved — the registry would be invalid:**\n\n"
+            + "\n".join(f"- {line}" for line in change_preview.problems)
+            + "\n\nFix the field named above and try again."
+        )
+        return
+    if preview:
+        st.markdown(f"**Diff of `{settings.curated_path.name}` if saved:**")
+        st.code(change_preview.diff, language="diff")
+        return
+    try:
+        dd.save_curated_change(settings, name, changes, command=f"dashboard: edit {name}")
+    except ImageWorksError as exc:
+        ui.show_error(exc, "Save")
+        return
+    ui.flash(
+        "success",
+        f"Saved {name} to {settings.curated_path.name} (previous content kept as a revision).",
+        change_preview.diff,
+    )
+    st.rerun()
+
+
+# Entry detail -------------------------------------------------------------------------------------------------
+def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, verification: dict | None) -> None:
+    name = entry.name
+    badges = dd.entry_badges(registry, entry, verification)
+    st.subheader(f"{entry.display_name or name}")
+    st.markdown(" ".join([f"`{name}`", f"· layer **{registry.layer_of(name)}**", dd.badge_markdown(badges)]))
+    if "drift" in badges:
+        st.error(
+            "Hash drift on a locked entry: inspect download_path for unexpected changes; if expected, re-lock from a "
+            "fresh verification; if not, re-download with `--force` (runbook §3)."
+        )
+    if "missing" in badges:
+        st.warning(
+            f"Weights missing: `{settings.resolve_path(entry.download_path or '')}` does not exist. Fix download_path "
+            "or run the downloader's `normalize-formats --rebuild`."
+        )
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        if entry.backend:
+            st.markdown(f"**Endpoint:** `{endpoint_for(entry, settings)}`")
+        argv = dd.launch_argv(entry, settings)
+        if argv:
+            st.markdown("**Launch argv** (exactly what activation runs)")
+            st.code(json.dumps(argv, ensure_ascii=False), language="json", wrap_lines=True)
+        st.markdown("**Fields** (and the layer each came from)")
+        st.dataframe(pd.DataFrame(dd.field_rows(registry, name)), hide_index=True, width="stretch")
+        st.markdown("**History**")
+        past = dd.entry_history(settings, name)
+        for tab, kind in zip(st.tabs(["Verifications", "Probes", "Activations"]), past, strict=True):
+            with tab:
+                if past[kind].empty:
+                    st.caption(f"No {kind} recorded yet.")
+                else:
+                    st.dataframe(past[kind], hide_index=True, width="stretch")
+    with right:
+        verify_section(settings, entry)
+        st.divider()
+        lock_section(settings, entry)
+        st.divider()
+        with st.expander("Edit metadata"):
+            edit_metadata_section(settings, registry, entry)
+
+
+# Import from Download History ---------------------------------------------------------------------------------
+def import_section(settings: Settings, registry: Registry) -> None:
+    downloads = history.list_downloads(settings) if settings.history_db_path.exists() else []
+    candidates = dd.import_candidates(registry, downloads)
+    st.caption(
+        "Discovered entries (`model_registry.discovered.json`) and finished downloads that are not curated yet. "
+        "Pick one, fill the metadata, preview the curated diff, add it."
+    )
+    if not candidates:
+        st.info(
+            "Nothing to import: every discovered entry and download is already curated. "
+            "Download with `imageworks-download download owner/repo`."
+        )
+        return
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "name": c.name,
+                    "origin": c.origin,
+                    "repo": c.repo_id,
+                    "path": c.path,
+                    "format": c.download_format,
+                    "quantization": c.quantization,
+                    "size": dd.human_bytes(c.size_bytes),
+                    "at": c.at,
+                }
+                for c in candidates
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    by_key = {c.key: c for c in candidates}
+    key = st.selectbox("Entry to import", list(by_key), format_func=lambda k: by_key[k].label, key="import_pick")
+    candidate = by_key[key]
+    backends = list(typing.get_args(Backend))
+    with st.form(key=f"import:{key}"):
+        name = st.text_input(
+            "Logical name",
+            key=f"import_name:{key}",
+            value=candidate.name,
+            disabled=candidate.origin == "discovered",
+            help="A discovered entry keeps its name so the discovered facts (path, size, files) merge into it.",
+        )
+        backend = st.selectbox("Backend", backends, index=0, key=f"import_backend:{key}")
+        served = st.text_input("Served model id", value=candidate.repo_id or "", key=f"import_served:{key}")
+        roles = st.multiselect("Roles", list(KNOWN_ROLES), key=f"import_roles:{key}")
+        capabilities = st.multiselect(
+            "Capabilities", list(CAPABILITY_NAMES), default=["text"], key=f"import_capabilities:{key}"
+        )
+        left, right = st.columns(2)
+        preview = left.form_submit_button("Preview diff", key=f"import_preview:{key}")
+        add = right.form_submit_button("Add to curated", type="primary", key=f"import_add:{key}")
+    if not (preview or add):
+        return
+    name = candidate.name if candidate.origin == "discovered" else name.strip()
+    try:
+        changes = dd.import_changes(
+            candidate, backend=backend, served_model_id=served, roles=roles, capabilities=capabilities
+        )
+    except UsageError as exc:
+        ui.show_error(exc, "Import (nothing saved)")
+        return
+    change_preview = dd.preview_curated_change(settings, name, changes, create=True)
+    if not change_preview.ok:
+        st.error(
+            "**Not added — the registry would be invalid:**\n\n"
+            + "\n".join(f"- {line}" for line in change_preview.problems)
+            + "\n\nFix the field named above and try again."
+        )
+        return
+    if preview:
+        st.markdown(f"**Diff of `{settings.curated_path.name}` if added:**")
+        st.code(change_preview.diff, language="diff")
+        return
+    try:
+        dd.save_curated_change(settings, name, changes, create=True, command=f"dashboard: import {name}")
+    except ImageWorksError as exc:
+        ui.show_error(exc, "Import")
+        return
+    ui.flash(
+        "success",
+        f"Added {name} to {settings.curated_path.name}. Next: Verify Hash, then Lock version.",
+        change_preview.diff,
+    )
+    st.session_state["registry_entry_next"] = name
+    st.rerun()
+
+
+# History and rollback -----------------------------------------------------------------------------------------
+def _open_rollback(rev: int) -> None:
+    st.session_state["rollback_rev"] = rev
+
+
+def _close_rollback() -> None:
+    st.session_state.pop("rollback_rev", None)
+
+
+def rollback_confirm(settings: Settings, rev: int) -> None:
+    """The rollback confirmation's body: what will be restored, then Confirm / Cancel."""
+    try:
+        diff = dd.revision_diff(settings, rev)
+    except ImageWorksError as exc:
+        ui.show_error(exc, "Rollback")
+        return
+    st.markdown(
+        f"Restore `{diff.file}` to the content kept as revision **{rev}**. The rollback is itself recorded as a new "
+        "revision, so it can be undone the same way."
+    )
+    st.code(diff.rollback or "(the file already has this content)", language="diff")
+    left, right = st.columns(2)
+    if left.button("Confirm rollback", type="primary"):
+        try:
+            rollback(settings, rev, command=f"dashboard: rollback {rev}")
+        except ImageWorksError as exc:
+            ui.show_error(exc, "Rollback")
+            return
+        _close_rollback()
+        ui.flash("success", f"Rolled back {diff.file} to revision {rev}.", diff.rollback)
+        st.rerun()
+    if right.button("Cancel", key="rollback_cancel"):
+        _close_rollback()
+        st.rerun()
+
+
+@st.dialog("Roll back to this revision?", width="large", on_dismiss=_close_rollback)
+def rollback_dialog(settings: Settings, rev: int) -> None:
+    rollback_confirm(settings, rev)
+
+
+def history_section(settings: Settings) -> None:
+    rows = dd.revision_rows(settings)
+    if not rows:
+        st.info("No revisions yet: every write (dashboard or CLI) keeps the file's previous content here.")
+        return
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    by_rev = {row["rev"]: row for row in rows}
+    rev = st.selectbox(
+        "Revision",
+        list(by_rev),
+        format_func=lambda r: f"{r} · {by_rev[r]['at']} · {by_rev[r]['command']} · {by_rev[r]['entries']}",
+        key="history_rev",
+    )
+    diff = dd.revision_diff(settings, rev)
+    st.markdown(f"**Change made by revision {rev}** (`{by_rev[rev]['file']}`)")
+    st.code(diff.change or "(no textual change)", language="diff")
+    st.button(
+        "Roll back to this revision",
+        disabled=jobs.busy(),
+        on_click=_open_rollback,
+        args=(rev,),
+    )
+
+
+# The page -----------------------------------------------------------------------------------------------------
+def _select_from_table(names: list[str]) -> None:
+    selection = st.session_state.get("registry_table")
+    rows = selection.selection.rows if selection is not None else []
+    if rows and rows[0] < len(names):
+        st.session_state["registry_entry"] = names[rows[0]]
+
+
+def entries_section(settings: Settings, registry: Registry) -> None:
+    options = dd.filter_options(registry)
+    search_col, role_col, cap_col, backend_col, hidden_col = st.columns([3, 2, 2, 2, 2], vertical_alignment="bottom")
+    search = search_col.text_input("Search", key="registry_search", placeholder="name, display name or served id")
+    role = role_col.selectbox("Role", ["All", *options["roles"]], key="registry_role")
+    capability = cap_col.selectbox("Capability", ["All", *options["capabilities"]], key="registry_capability")
+    backend = backend_col.selectbox("Backend", ["All", *options["backends"]], key="registry_backend")
+    include_hidden = hidden_col.toggle("Show testing/deprecated", key="registry_hidden")
+    entries = filter_entries(
+        registry,
+        role=None if role == "All" else role,
+        capability=None if capability == "All" else capability,
+        backend=None if backend == "All" else backend,
+        include_testing=include_hidden,
+        search=search or None,
+    )
+    verifications, probes = dd.history_maps(settings)
+    frame = dd.registry_frame(registry, entries, verifications, probes)
+    drifted = frame.loc[frame["status"].str.contains("drift"), "name"].tolist()
+    if drifted:
+        st.error(f"**Hash drift on locked entries:** {', '.join(drifted)} — see the entry below and runbook §3.")
+    names = frame["name"].tolist()
+    st.dataframe(
+        frame,
+        column_config=TABLE_COLUMNS,
+        hide_index=True,
+        width="stretch",
+        on_select=lambda: _select_from_table(names),
+        selection_mode="single-row",
+        key="registry_table",
+    )
+    hidden = len(registry) - len(entries)
+    st.caption(f"{len(entries)} entries shown" + (f" ({hidden} hidden by filters)" if hidden else ""))
+    if not names:
+        st.info("No entry matches the filters.")
+        return
+    wanted = st.session_state.pop("registry_entry_next", None)
+    if wanted in names:
+        st.session_state["registry_entry"] = wanted
+    if st.session_state.get("registry_entry") not in names:
+        st.session_state["registry_entry"] = names[0]
+    name = st.selectbox("Entry", names, key="registry_entry")
+    st.divider()
+    entry_detail(settings, registry, registry.entries[name], verifications.get(name))
+
+
+settings = ui.settings()
+st.title("Registry")
+ui.show_flash()
+registry = ui.registry(settings)
+# Stateful tabs: the open tab survives reruns, only its content runs, and ?registry_tab=History links to it.
+entries_tab, import_tab, history_tab = st.tabs(
+    ["Entries", "Import from Download History", "History"], key="registry_tab", bind="query-params"
+)
+if entries_tab.open:
+    with entries_tab:
+        entries_section(settings, registry)
+if import_tab.open:
+    with import_tab:
+        import_section(settings, registry)
+if history_tab.open:
+    with history_tab:
+        history_section(settings)
+if st.session_state.get("rollback_rev") is not None:
+    rollback_dialog(settings, st.session_state["rollback_rev"])
