@@ -12,6 +12,7 @@ import difflib
 import json
 import threading
 import time
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -491,12 +492,13 @@ class ImportCandidate:
         return f"{self.name}{where} ({self.origin})"
 
 
-def suggest_name(repo_id: str, download_format: str | None = None) -> str:
-    """A logical name for a downloaded repo: ``Qwen/Qwen2.5-VL-7B-AWQ`` -> ``qwen2.5-vl-7b-awq``."""
-    base = repo_id.rsplit("/", 1)[-1].lower().replace(" ", "-") or "model"
-    if download_format and download_format.lower() not in base:
-        base = f"{base}_({download_format.upper()})"
-    return base
+def suggest_name(repo_id: str, download_format: str | None = None, quantization: str | None = None) -> str:
+    """The name the downloader would give: ``Qwen/Qwen2.5-VL-7B-Instruct-AWQ`` -> ``qwen2.5-vl-7b-instruct_(AWQ)``."""
+    from .discovery import entry_name_for
+    from .formats import FormatInfo, WeightFormat
+
+    known = download_format if download_format in typing.get_args(WeightFormat) else "unknown"
+    return entry_name_for(repo_id or "model", FormatInfo(format=known, quantization=quantization))
 
 
 def _resolved(settings: Settings, path: str | None) -> Path | None:
@@ -553,7 +555,7 @@ def import_candidates(registry: Registry, downloads: Iterable[dict[str, Any]]) -
         out.append(
             ImportCandidate(
                 key=f"download:{row.get('id')}",
-                name=suggest_name(repo_id, row.get("format")),
+                name=suggest_name(repo_id, row.get("format"), row.get("quantization")),
                 origin="download",
                 repo_id=repo_id or None,
                 path=row["path"],

@@ -476,7 +476,7 @@ def test_import_from_download_history_adds_a_curated_entry(root: Settings) -> No
     assert list(candidates["origin"]) == ["discovered", "download"], "the failed download is not offered"
     assert list(candidates["format"]) == ["gguf", "awq"]
     labels = widget(at.selectbox, "Entry to import").options
-    assert labels == ["found-on-disk (discovered)", "tiny-vl-awq — acme/tiny-vl-AWQ (download)"]
+    assert labels == ["found-on-disk (discovered)", "tiny-vl_(AWQ) — acme/tiny-vl-AWQ (download)"]
     widget(at.selectbox, "Entry to import").set_value("download:1")
     run(at)
     key = "download:1"
@@ -887,8 +887,10 @@ def test_preview_of_an_unknown_curated_name_is_refused(root: Settings) -> None:
 
 
 def test_suggest_name_from_a_repo_id() -> None:
-    assert dashboard_data.suggest_name("Qwen/Qwen2.5-VL-7B-Instruct-AWQ", "awq") == "qwen2.5-vl-7b-instruct-awq"
-    assert dashboard_data.suggest_name("acme/tiny", "gguf") == "tiny_(GGUF)"
+    # the same rule as the downloader's discovered entries, so an import and a later download agree
+    assert dashboard_data.suggest_name("Qwen/Qwen2.5-VL-7B-Instruct-AWQ", "awq") == "qwen2.5-vl-7b-instruct_(AWQ)"
+    assert dashboard_data.suggest_name("acme/tiny", "gguf", "Q4_K_M") == "tiny_(Q4_K_M)"
+    assert dashboard_data.suggest_name("acme/tiny-vlm", "safetensors") == "tiny-vlm"
 
 
 def test_check_connection_never_raises() -> None:
