@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_BACKEND
-from ..probe import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT_S, probe_vision
 from .app import JsonOpt, RootOpt, app, echo_json, settings_for
 
 
@@ -21,16 +20,22 @@ def probe_vision_cmd(
     activate: Annotated[
         bool, typer.Option("--activate", help="Activate the entry first when it is not the active backend.")
     ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for each request.")] = DEFAULT_TIMEOUT_S,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Seconds to wait for each request [default: 60].")
+    ] = None,
     max_tokens: Annotated[
-        int, typer.Option("--max-tokens", help="Answer budget (reasoning models need room to think).")
-    ] = DEFAULT_MAX_TOKENS,
+        int | None, typer.Option("--max-tokens", help="Answer budget; reasoning models need room [default: 256].")
+    ] = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
 ) -> None:
     """Prove a model really sees: send an image, check the answer (exit 0 vision_ok, 6 failed, 64 bad image)."""
+    from ..probe import DEFAULT_MAX_TOKENS, probe_vision  # imported on use: httpx and Pillow are slow to import
+
     settings = settings_for(root)
-    result = probe_vision(settings, name, image, activate=activate, timeout_s=timeout, max_tokens=max_tokens)
+    result = probe_vision(
+        settings, name, image, activate=activate, timeout_s=timeout, max_tokens=max_tokens or DEFAULT_MAX_TOKENS
+    )
     if as_json:
         echo_json(result.to_dict())
     else:

@@ -6,14 +6,16 @@ import itertools
 import sys
 import threading
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .. import runtime
 from ..errors import UsageError
 from ..gpu import NO_GPU_MESSAGE
 from .app import JsonOpt, RootOpt, app, echo_json, settings_for
+
+if TYPE_CHECKING:
+    from .. import runtime
 
 SPINNER_FRAMES = "|/-\\"
 SPINNER_INTERVAL_S = 0.1
@@ -96,6 +98,8 @@ def activate_model_cmd(
     if stop == (name is not None):
         raise UsageError("give a model NAME to activate, or --stop (not both)")
     if stop:
+        from .. import runtime  # imported on use: keeps `imageworks-models list` and --help fast
+
         result = runtime.stop(settings, reason="activate-model --stop")
         if as_json:
             echo_json(result.to_dict() if result else None)
@@ -112,6 +116,8 @@ def activate_model_cmd(
         return
     assert name is not None
     with Spinner(f"activating {name}") as spinner:
+        from .. import runtime
+
         state = runtime.activate(settings, name, timeout_s=timeout, force=force, on_progress=spinner)
     if as_json:
         echo_json(state.model_dump(mode="json"))
@@ -172,6 +178,8 @@ def current_model_cmd(
 ) -> None:
     """Show the active backend: name, endpoint, uptime, status, health and GPU memory (stale state is cleaned)."""
     settings = settings_for(root)
+    from .. import runtime
+
     status = runtime.current(settings, check_health=not no_health)
     if as_json:
         echo_json(status.model_dump(mode="json") if status else None)
