@@ -34,7 +34,12 @@ def probe_vision_cmd(
 
     settings = settings_for(root)
     result = probe_vision(
-        settings, name, image, activate=activate, timeout_s=timeout, max_tokens=max_tokens or DEFAULT_MAX_TOKENS
+        settings,
+        name,
+        image,
+        activate=activate,
+        timeout_s=timeout,
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
     )
     if as_json:
         echo_json(result.to_dict())
