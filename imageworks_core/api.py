@@ -11,13 +11,11 @@ import ipaddress
 import json
 import os
 import shlex
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
@@ -35,7 +33,7 @@ from .errors import (
     UsageError,
     WeightsError,
 )
-from .proxy import RETRY_AFTER_S, Proxy, SwitchCoordinator, SwitchInProgress, response_headers
+from .proxy import RETRY_AFTER_S, Proxy, SwitchCoordinator, SwitchInProgress, new_pool, response_headers
 from .registry import filter_entries
 from .reload import RegistryService, RegistryWatcher
 from .schema import ModelEntry
@@ -169,10 +167,8 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         watcher = RegistryWatcher(service) if watch else None
         if watcher:
             watcher.start()
-        # TCP_NODELAY: a request's header and body writes must not wait on the backend's delayed ACK (~40 ms).
-        transport = httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(600.0, connect=5.0)) as client:
-            app.state.proxy = Proxy(settings, coordinator, client)
+        async with new_pool() as pool:
+            app.state.proxy = Proxy(settings, coordinator, pool)
             yield
         if watcher:
             watcher.stop()
@@ -311,6 +307,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         return JSONResponse(status.to_dict(), status_code=200 if status.ok else 422)
 
     async def _forward(request: Request, path: str) -> Response:
+        await authorize(request)
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -320,28 +317,27 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
             raise UsageError("request body must be a JSON object")
         proxy: Proxy = request.app.state.proxy
         entry, base_url = await proxy.route(service.registry, body)
-        upstream_request = proxy.upstream_request(entry, base_url, path, raw, body)
-        try:
-            upstream = await proxy.client.send(upstream_request, stream=True)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{entry.name!r} at {base_url} unreachable: {type(exc).__name__}: {exc}") from exc
+        upstream = await proxy.send(entry, base_url, path, raw, body)
         if body.get("stream"):
             return StreamingResponse(
-                upstream.aiter_raw(),
-                status_code=upstream.status_code,
+                upstream.aiter_stream(),
+                status_code=upstream.status,
                 headers=response_headers(upstream),
                 background=BackgroundTask(upstream.aclose),
             )
-        content = await upstream.aread()
-        await upstream.aclose()
-        return Response(content, status_code=upstream.status_code, headers=response_headers(upstream))
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+        return Response(content, status_code=upstream.status, headers=response_headers(upstream))
 
-    @app.post("/v1/chat/completions", dependencies=deps)
     async def chat_completions(request: Request) -> Response:
         return await _forward(request, "chat/completions")
 
-    @app.post("/v1/completions", dependencies=deps)
     async def completions(request: Request) -> Response:
         return await _forward(request, "completions")
 
+    # Plain Starlette routes (no dependency injection): the proxy is the one hot path of this API.
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.router.add_route("/v1/completions", completions, methods=["POST"])
     return app

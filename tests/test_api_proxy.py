@@ -31,11 +31,12 @@ def api(root: Settings):
         httpx.post(f"{base}/v1/deactivate", timeout=30)
 
 
-def demo_backends() -> list[psutil.Process]:
+def demo_backends(port: int) -> list[psutil.Process]:
+    """Demo backends serving on this test's single port (other tests' backends are not ours to count)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if "imageworks_core.demo_backend" in cmdline and "--spawn-child" not in cmdline:
+        if "imageworks_core.demo_backend" in cmdline and str(port) in cmdline:
             found.append(proc)
     return found
 
@@ -80,7 +81,7 @@ def test_streaming_passes_through_chunk_by_chunk_intact(api) -> None:
 
 
 def test_request_for_inactive_model_autostarts_it(api) -> None:
-    base, _ = api
+    base, port = api
     httpx.post(f"{base}/v1/activate", json={"name": DEMO}, timeout=60)
     reply = httpx.post(
         f"{base}/v1/chat/completions",
@@ -89,7 +90,7 @@ def test_request_for_inactive_model_autostarts_it(api) -> None:
     )
     assert reply.status_code == 200
     assert httpx.get(f"{base}/v1/active").json()["active"]["name"] == TEXT
-    assert len(demo_backends()) == 1
+    assert len(demo_backends(port)) == 1
 
 
 def test_image_to_a_model_without_vision_is_409_before_any_backend_sees_it(api) -> None:
@@ -100,7 +101,7 @@ def test_image_to_a_model_without_vision_is_409_before_any_backend_sees_it(api) 
 
 
 def test_two_concurrent_requests_for_two_models_never_leave_two_backends(api) -> None:
-    base, _ = api
+    base, port = api
     results: dict[str, httpx.Response] = {}
 
     def ask(model: str) -> None:
@@ -120,7 +121,7 @@ def test_two_concurrent_requests_for_two_models_never_leave_two_backends(api) ->
     for response in results.values():
         if response.status_code == 503:
             assert int(response.headers["retry-after"]) > 0
-    assert len(demo_backends()) == 1
+    assert len(demo_backends(port)) == 1
     active = httpx.get(f"{base}/v1/active").json()["active"]
     assert active["name"] in (DEMO, TEXT) and active["alive"] is True
 
