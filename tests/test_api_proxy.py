@@ -45,7 +45,9 @@ def image_message(text: str = "What do you see?") -> list[dict]:
     buffer = io.BytesIO()
     make_canonical_probe_image().save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [
+        {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+    ]
 
 
 def test_activate_active_proxy_and_deactivate(api) -> None:
@@ -165,3 +167,25 @@ def test_verify_endpoint_reports_drift_as_409(api, root: Settings) -> None:
     assert response.json()["report"]["modified"][0]["path"] == "config.json"
     selected = httpx.post(f"{base}/v1/select", json={"name": DEMO})
     assert selected.status_code == 423  # locked and its last verification drifted
+
+
+def test_activation_endpoints_error_paths(api) -> None:
+    base, _ = api
+    unknown = httpx.post(f"{base}/v1/activate", json={"name": "no-such-model"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["reason"] == "unknown_name"
+    remote = httpx.post(f"{base}/v1/activate", json={"name": "gpt-4o-mini_(remote)"}, timeout=30)
+    assert remote.status_code == 502 and "nothing to activate" in remote.json()["error"]["message"]
+    assert httpx.post(f"{base}/v1/activate", json={}).status_code == 422  # body validation
+    assert httpx.post(f"{base}/v1/deactivate", timeout=30).json() == {"stopped": False}  # idempotent
+    assert httpx.get(f"{base}/v1/active").json() == {"active": None, "switching_to": None}
+
+
+def test_completions_proxy_and_bad_bodies(api) -> None:
+    base, _ = api
+    reply = httpx.post(f"{base}/v1/completions", json={"model": DEMO, "prompt": "Once upon"}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["object"] == "text_completion"
+    assert httpx.post(f"{base}/v1/chat/completions", content=b"{not json").status_code == 400
+    missing = httpx.post(f"{base}/v1/chat/completions", json={"messages": []})
+    assert missing.status_code == 400 and "'model'" in missing.json()["error"]["message"]
+    unknown = httpx.post(f"{base}/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert unknown.status_code == 404
