@@ -29,6 +29,7 @@ from .registry_file import parse_entries, read_registry_text, splice
 from .schema import CAPABILITY_NAMES, KNOWN_ROLES, PROCESS_BACKENDS, Capabilities, ModelEntry
 from .selection import endpoint_for
 from .settings import Settings
+from .units import format_bytes
 
 CAPABILITY_ICONS: dict[str, str] = {
     "text": "📝",
@@ -172,18 +173,6 @@ def duration_text(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-
-
-def human_bytes(size: int | float | None) -> str:
-    """Binary units, one decimal: 1536 -> '1.5 KiB'."""
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return ""
 
 
 def capability_icons(capabilities: Iterable[str]) -> str:
@@ -765,10 +754,10 @@ def verify_summary(result: Any) -> dict[str, Any]:
         "aggregate": result.aggregate,
         "expected": result.expected,
         "files": result.file_count,
-        "size": human_bytes(result.total_bytes),
-        "read": human_bytes(read),
+        "size": format_bytes(result.total_bytes),
+        "read": format_bytes(read),
         "duration": duration_text(duration),
-        "rate": f"{human_bytes(read / duration)}/s" if duration else "",
+        "rate": f"{format_bytes(read / duration)}/s" if duration else "",
         "rehashed": len(result.rehashed),
         "notes": list(result.notes),
     }
@@ -844,7 +833,7 @@ def gpu_cards() -> tuple[list[dict[str, Any]], str | None]:
         {
             "name": info.name,
             "index": info.index,
-            "memory": f"{human_bytes(info.memory_used_bytes)} / {human_bytes(info.memory_total_bytes)}",
+            "memory": f"{format_bytes(info.memory_used_bytes)} / {format_bytes(info.memory_total_bytes)}",
             "memory_fraction": info.memory_used_bytes / info.memory_total_bytes if info.memory_total_bytes else 0.0,
             "utilization": info.utilization_percent,
             "temperature": info.temperature_c,
@@ -862,7 +851,7 @@ def system_stats() -> dict[str, Any]:
 
     memory = psutil.virtual_memory()
     return {
-        "ram": f"{human_bytes(memory.total - memory.available)} / {human_bytes(memory.total)}",
+        "ram": f"{format_bytes(memory.total - memory.available)} / {format_bytes(memory.total)}",
         "ram_percent": memory.percent,
         "cpu_percent": psutil.cpu_percent(interval=None),
         "cpus": psutil.cpu_count() or 0,

@@ -60,6 +60,7 @@ from .errors import BackendError, ImageWorksError, UsageError, WeightsError
 from .formats import FormatInfo, scan_directory
 from .registry_file import atomic_write_text
 from .settings import Settings
+from .units import format_bytes
 
 STATE_DIR = PurePosixPath(".cache/imageworks")
 MARKER_PATH = STATE_DIR / "download.json"
@@ -552,18 +553,9 @@ def _check_disk_space(work: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed > free:
         raise WeightsError(
-            f"not enough free disk space under {where}: {_human(needed)} still to download, {_human(free)} free; "
+            f"not enough free disk space under {where}: {format_bytes(needed)} still to download, {format_bytes(free)} free; "
             "free some space or choose another location"
         )
-
-
-def _human(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}" if unit != "B" else f"{nbytes} B"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def _prune_staging(staging: Path, selected: list[_RemoteFile], conflicting: Iterable[str]) -> None:

@@ -26,6 +26,7 @@ from .discovery import (
     normalize_formats,
 )
 from .settings import Settings, get_settings
+from .units import format_bytes
 
 app = typer.Typer(
     name="imageworks-download",
@@ -43,18 +44,6 @@ RootOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 # Redraw the terminal line at most this often; a chunk arrives far more often on a fast link.
 REDRAW_INTERVAL_S = 0.1
-
-
-def human_bytes(nbytes: float | None) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    if nbytes is None:
-        return "-"
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 class DownloadProgress:
@@ -92,13 +81,13 @@ class DownloadProgress:
             reused = len(event["reused_files"])
             self._line(
                 f"{event['repo_id']}@{event['commit_sha'][:12]}: {event['files']} file(s), "
-                f"{human_bytes(event['total_bytes'])}; {human_bytes(event['to_download_bytes'])} to fetch"
+                f"{format_bytes(event['total_bytes'])}; {format_bytes(event['to_download_bytes'])} to fetch"
                 + (f", {reused} already present and verified" if reused else "")
             )
         elif kind == "file_start":
             self.file_index += 1
             if event.get("resume_from"):
-                self._line(f"resuming {event['path']} from {human_bytes(event['resume_from'])}")
+                self._line(f"resuming {event['path']} from {format_bytes(event['resume_from'])}")
         elif kind == "bytes":
             if self.first_done is None:
                 self.first_done = event["done"] - event["file_done"]
@@ -112,13 +101,13 @@ class DownloadProgress:
         elif kind == "verify_failed":
             self._line(f"checksum mismatch: {event['path']}: expected {event['expected']}, got {event['actual']}")
         elif kind == "file_done" and self.tty:
-            self._line(f"  ok {event['path']} ({human_bytes(event['size'])})")
+            self._line(f"  ok {event['path']} ({format_bytes(event['size'])})")
         elif kind == "done":
             elapsed = time.monotonic() - self.started
             fetched = event["downloaded_bytes"]
             self._line(
-                f"done: {human_bytes(fetched)} fetched in {elapsed:.1f} s "
-                f"({human_bytes(fetched / max(elapsed, 1e-6))}/s), {human_bytes(event['total_bytes'])} verified"
+                f"done: {format_bytes(fetched)} fetched in {elapsed:.1f} s "
+                f"({format_bytes(fetched / max(elapsed, 1e-6))}/s), {format_bytes(event['total_bytes'])} verified"
             )
 
     def _draw(self, event: dict[str, Any]) -> None:
@@ -127,8 +116,8 @@ class DownloadProgress:
         name = event["path"] if len(event["path"]) <= 40 else "..." + event["path"][-37:]
         self.stream.write(
             f"\r\x1b[K[{self.file_index}/{self.files}] {name} {event['file_done'] / file_size:4.0%} "
-            f"| total {human_bytes(event['done'])}/{human_bytes(event['total'])} {event['done'] / total:4.0%} "
-            f"{human_bytes(self._rate(event['done']))}/s"
+            f"| total {format_bytes(event['done'])}/{format_bytes(event['total'])} {event['done'] / total:4.0%} "
+            f"{format_bytes(self._rate(event['done']))}/s"
         )
         self.stream.flush()
         self.drawn = True
@@ -199,7 +188,7 @@ def download_cmd(
     quant = f" {result.format.quantization}" if result.format.quantization else ""
     typer.echo(
         f"downloaded {result.repo_id}@{result.commit_sha[:12]} into {result.target}: {len(result.files)} file(s), "
-        f"{human_bytes(result.total_bytes)}, format {result.format.format}{quant}"
+        f"{format_bytes(result.total_bytes)}, format {result.format.format}{quant}"
     )
     _print_update(settings, outcome.update)
 
@@ -227,7 +216,7 @@ def list_cmd(
             (row.get("commit_sha") or "-")[:12],
             row.get("format") or "-",
             row.get("quantization") or "-",
-            human_bytes(row.get("total_bytes")),
+            format_bytes(row.get("total_bytes")),
             "yes" if row["exists"] else "MISSING",
             row.get("path") or "-",
         )
@@ -257,7 +246,7 @@ def scan_cmd(
     quant = f" {entry['quantization']}" if entry.get("quantization") else ""
     typer.echo(
         f"scanned {entry['download_path']}: {len(entry.get('download_files') or [])} file(s), "
-        f"{human_bytes(entry.get('download_size_bytes'))}, format {entry.get('download_format')}{quant}"
+        f"{format_bytes(entry.get('download_size_bytes'))}, format {entry.get('download_format')}{quant}"
     )
     _print_update(settings, update)
 
@@ -269,7 +258,7 @@ def _print_normalize(settings: Settings, report: NormalizeReport) -> None:
             row.status,
             row.format or "-",
             row.quantization or "-",
-            human_bytes(row.size_bytes),
+            format_bytes(row.size_bytes),
             row.files,
             ",".join(row.changed) or "-",
         )

@@ -74,6 +74,7 @@ import blake3
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .errors import UsageError, WeightsError
+from .units import format_bytes
 
 __all__ = [
     "ALGORITHMS",
@@ -258,7 +259,7 @@ class DriftReport(_Model):
         """Human-readable report for the CLI: a summary line, one line per changed file, then text diffs."""
         if self.ok:
             return (
-                f"OK: {self.file_count} files, {_human_bytes(self.total_bytes)}, "
+                f"OK: {self.file_count} files, {format_bytes(self.total_bytes)}, "
                 f"aggregate sha256 {self.actual_aggregate}"
             )
         lines = [
@@ -921,14 +922,3 @@ def verify_directory(
         max_workers=max_workers,
     )
     return result, compare_manifests(expected, result.manifest)
-
-
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        size /= 1024
-        if size < 1024 or unit == "TiB":
-            break
-    return f"{size:.1f} {unit}"

@@ -28,6 +28,7 @@ from imageworks_core import audit, dashboard_data, gpu, history, runtime
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.registry_file import read_registry_text
 from imageworks_core.settings import Settings, get_settings
+from imageworks_core.units import format_bytes
 from imageworks_core.verification import lock_entry, verify_entry
 
 APP = REPO / "dashboard" / "app.py"
@@ -847,7 +848,7 @@ def test_age_and_duration_texts() -> None:
     assert dashboard_data.duration_text(4.25) == "4.2 s"
     assert dashboard_data.duration_text(185) == "3 min 05 s"
     assert dashboard_data.duration_text(7500) == "2 h 05 min"
-    assert dashboard_data.human_bytes(1536) == "1.5 KiB" and dashboard_data.human_bytes(12) == "12 B"
+    assert format_bytes(1536) == "1.5 KiB" and format_bytes(12) == "12 B" and format_bytes(None) == "-"
 
 
 def test_verify_progress_text_gives_fraction_sizes_files_and_rate() -> None:

@@ -19,6 +19,7 @@ from imageworks_core.registry import Registry, filter_entries, rollback
 from imageworks_core.schema import CAPABILITY_NAMES, KNOWN_ROLES, Backend, ModelEntry
 from imageworks_core.selection import endpoint_for
 from imageworks_core.settings import Settings
+from imageworks_core.units import format_bytes
 from imageworks_core.verification import lock_entry, unlock_entry, verify_entry
 
 TABLE_COLUMNS = {
@@ -346,7 +347,7 @@ def import_section(settings: Settings, registry: Registry) -> None:
                     "path": c.path,
                     "format": c.download_format,
                     "quantization": c.quantization,
-                    "size": dd.human_bytes(c.size_bytes),
+                    "size": format_bytes(c.size_bytes, missing=""),
                     "at": c.at,
                 }
                 for c in candidates
