@@ -189,9 +189,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     @app.exception_handler(ImageWorksError)
     async def _imageworks_error(_request: Request, exc: ImageWorksError) -> JSONResponse:
-        status = next(code for cls, code in STATUS_FOR if isinstance(exc, cls))
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, SwitchInProgress) else None
-        return JSONResponse(error_body(exc), status_code=status, headers=headers)
+        return error_response(exc)
 
     deps = [Depends(authorize)]
 
@@ -331,13 +329,38 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
             await upstream.aclose()
         return Response(content, status_code=upstream.status, headers=response_headers(upstream))
 
-    async def chat_completions(request: Request) -> Response:
-        return await _forward(request, "chat/completions")
-
-    async def completions(request: Request) -> Response:
-        return await _forward(request, "completions")
-
-    # Plain Starlette routes (no dependency injection): the proxy is the one hot path of this API.
-    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.router.add_route("/v1/completions", completions, methods=["POST"])
+    # The proxy is the one hot path: a pure ASGI middleware serves it ahead of routing and dependency injection.
+    app.add_middleware(ProxyFastPath, forward=_forward)
     return app
+
+
+PROXY_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}
+
+
+def error_response(exc: ImageWorksError) -> JSONResponse:
+    """The JSON error response for one of our errors (status from :data:`STATUS_FOR`)."""
+    status = next(code for cls, code in STATUS_FOR if isinstance(exc, cls))
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, SwitchInProgress) else None
+    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+
+
+class ProxyFastPath:
+    """ASGI middleware: ``POST`` to the proxy paths goes straight to the forwarder; all else to the app."""
+
+    def __init__(self, app: Any, forward: Any) -> None:
+        self.app = app
+        self.forward = forward
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = PROXY_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if path is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self.forward(request, path)
+        except ImageWorksError as exc:
+            response = error_response(exc)
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        await response(scope, receive, send)

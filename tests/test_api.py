@@ -100,6 +100,9 @@ def test_bearer_token_required_on_every_endpoint_when_set(root: Settings) -> Non
         assert httpx.get(f"{base}/healthz").status_code == 401
         good = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert good.status_code == 200
+        chat = {"model": DEMO, "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat).status_code == 401  # the proxy too
+        assert httpx.post(f"{base}/v1/select", json={"name": DEMO}).status_code == 401
 
 
 def test_mutations_need_a_token_on_a_non_loopback_bind(root: Settings) -> None:
