@@ -37,7 +37,7 @@ from .proxy import RETRY_AFTER_S, Proxy, SwitchCoordinator, SwitchInProgress, ne
 from .registry import filter_entries
 from .reload import RegistryService, RegistryWatcher
 from .schema import ModelEntry
-from .selection import select_model
+from .selection import endpoint_for, select_model
 from .settings import Settings
 
 # Most specific first: the first matching class decides the status.
@@ -273,6 +273,11 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     @app.post("/v1/activate", dependencies=deps)
     async def activate_endpoint(request: NameRequest) -> dict[str, Any]:
         entry = service.registry.get(request.name)
+        if not entry.is_process_backend:
+            raise UsageError(
+                f"{entry.name!r} uses backend {entry.backend!r}, which ImageWorks does not start: nothing to activate; "
+                f"requests go to {endpoint_for(entry, settings) if entry.backend else 'its endpoint once configured'}"
+            )
         await coordinator.ensure_active(entry.name)
         from . import runtime
 

@@ -174,7 +174,7 @@ def test_activation_endpoints_error_paths(api) -> None:
     unknown = httpx.post(f"{base}/v1/activate", json={"name": "no-such-model"}, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["error"]["reason"] == "unknown_name"
     remote = httpx.post(f"{base}/v1/activate", json={"name": "gpt-4o-mini_(remote)"}, timeout=30)
-    assert remote.status_code == 502 and "nothing to activate" in remote.json()["error"]["message"]
+    assert remote.status_code == 400 and "nothing to activate" in remote.json()["error"]["message"]
     assert httpx.post(f"{base}/v1/activate", json={}).status_code == 422  # body validation
     assert httpx.post(f"{base}/v1/deactivate", timeout=30).json() == {"stopped": False}  # idempotent
     assert httpx.get(f"{base}/v1/active").json() == {"active": None, "switching_to": None}
