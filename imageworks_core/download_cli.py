@@ -15,7 +15,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from .cli.app import echo_json, format_table, run
+from .cli.app import JsonOpt, RootOpt, echo_json, format_table, run
 from .discovery import (
     DiscoveredUpdate,
     NormalizeReport,
@@ -37,11 +37,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-RootOpt = Annotated[
-    Path | None,
-    typer.Option("--root", help="Deployment root (default: $IMAGEWORKS_ROOT, else the current directory)."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 # Redraw the terminal line at most this often; a chunk arrives far more often on a fast link.
 REDRAW_INTERVAL_S = 0.1
 

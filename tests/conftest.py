@@ -24,6 +24,22 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def demo_launch(*flags: str) -> list[str]:
+    """A registry ``launch`` template that runs the bundled demo backend (``flags``: its fault switches)."""
+    return [
+        "{python}",
+        "-m",
+        "imageworks_core.demo_backend",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+        "--served-model-name",
+        "{served_model_id}",
+        *flags,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

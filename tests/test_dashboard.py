@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, demo_launch, free_port
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit, dashboard_data, gpu, history, runtime
@@ -729,18 +729,7 @@ def test_active_model_failed_start_shows_the_error_and_the_log_tail(
         DEMO_TEXT,
         {
             "backend_config": {
-                "launch": [
-                    "{python}",
-                    "-m",
-                    "imageworks_core.demo_backend",
-                    "--host",
-                    "{host}",
-                    "--port",
-                    "{port}",
-                    "--served-model-name",
-                    "{served_model_id}",
-                    "--crash-at-start",
-                ],
+                "launch": demo_launch("--crash-at-start"),
                 "startup_timeout_s": 20,
             }
         },

@@ -20,7 +20,7 @@ import e2e_backend
 import httpx
 import psutil
 import pytest
-from conftest import free_port, require
+from conftest import demo_launch, free_port, require
 
 from imageworks_core import history, runtime
 from imageworks_core.audit import read_events
@@ -42,18 +42,7 @@ def demo_entry(name: str, served: str, *flags: str, **overrides: Any) -> dict[st
         "capabilities": {"text": True, "vision": True},
         "download_path": DEMO_WEIGHTS,
         "backend_config": {
-            "launch": [
-                "{python}",
-                "-m",
-                "imageworks_core.demo_backend",
-                "--host",
-                "{host}",
-                "--port",
-                "{port}",
-                "--served-model-name",
-                "{served_model_id}",
-                *flags,
-            ],
+            "launch": demo_launch(*flags),
             "startup_timeout_s": 20,
         },
     }
