@@ -7,10 +7,21 @@ models. Every model forbids unknown keys so a typo is an error, not a silently i
 from __future__ import annotations
 
 import re
+import types
+import typing
+import unicodedata
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 Backend = Literal["vllm", "ollama", "lmdeploy", "openai"]
 PROCESS_BACKENDS: frozenset[str] = frozenset({"vllm", "lmdeploy"})
@@ -31,8 +42,91 @@ DEFAULT_VLLM_LAUNCH: tuple[str, ...] = (
 )
 LAUNCH_PLACEHOLDERS: frozenset[str] = frozenset({"model_path", "port", "host", "served_model_id", "name", "python"})
 
-# Logical names: anything printable except '/', whitespace and control characters (checked in Rust by pydantic).
-NAME_PATTERN = r"^[^\s/\x00-\x1f\x7f]+$"
+NAME_MAX_CHARS = 200
+"""Longest logical name or alias. Names become file names (``configs/locks/<slug>.manifest.json`` and its
+``.<...>.XXXXXXXX.tmp`` while written, ``logs/backends/<slug>.log.1``). A slug is ASCII and at most
+``settings.SLUG_MAX_BYTES`` (210) bytes, so the longest derived name is 238 bytes, under the 255-byte NAME_MAX
+of Linux file systems whatever the name's script."""
+
+# Characters that render as nothing, reorder the text around them or break a line: with them two entries can
+# look identical in a terminal, the dashboard or a review diff while resolving differently. Refused in names,
+# aliases and served ids by Unicode category: controls (Cc: C0, DEL, C1), format characters (Cf: zero-width
+# space/joiners U+200B-U+200D, word joiner U+2060, BOM U+FEFF, bidi marks U+200E/U+200F/U+061C, bidi embeddings,
+# overrides and isolates U+202A-U+202E/U+2066-U+2069, soft hyphen, tags), line and paragraph separators, and
+# lone surrogates (which cannot even be written as UTF-8).
+_INVISIBLE_CATEGORIES: dict[str, str] = {
+    "Cc": "a control character",
+    "Cf": "an invisible format character (zero-width or bidi control)",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+    "Cs": "a lone surrogate, not valid UTF-8",
+}
+# The same set for JSON Schema editors, as far as a portable regex class can spell it (the BMP members).
+_INVISIBLE_CLASS = (
+    r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+)
+# Logical names: anything printable except '/', whitespace and the characters above.
+NAME_PATTERN = rf"^[^\s/{_INVISIBLE_CLASS}]+$"
+VISIBLE_PATTERN = rf"^[^{_INVISIBLE_CLASS}]*$"
+
+
+def invisible_character(value: str) -> str | None:
+    """The first refused invisible character in ``value``, described (``U+202E RIGHT-TO-LEFT OVERRIDE (…)``)."""
+    for char in value:
+        what = _INVISIBLE_CATEGORIES.get(unicodedata.category(char))
+        if what:
+            label = unicodedata.name(char, "")
+            return f"U+{ord(char):04X}{' ' + label if label else ''} ({what})"
+    return None
+
+
+def _visible(kind: str, value: Any) -> None:
+    found = invisible_character(value)
+    if found:
+        raise ValueError(f"{kind} contains {found}, which makes different names look alike; remove it")
+
+
+def _bounded(kind: str, value: Any) -> None:
+    if len(value) > NAME_MAX_CHARS:
+        raise ValueError(
+            f"{kind} is {len(value)} characters long, at most {NAME_MAX_CHARS} characters are allowed "
+            "(lock manifests and backend logs are named after it and must fit the 255-byte file name limit); "
+            "shorten it"
+        )
+
+
+def _check_name(value: Any) -> Any:
+    # Before pydantic's own pattern check, so the error names the offending character and the fix.
+    if not isinstance(value, str):
+        return value
+    _bounded("name", value)
+    _visible("name", value)
+    if "/" in value or any(c.isspace() for c in value):
+        raise ValueError(f"invalid name {value!r}: use no '/', whitespace or control characters (parentheses are fine)")
+    return value
+
+
+def _check_alias(value: Any) -> Any:
+    if isinstance(value, str):
+        _bounded("alias", value)
+        _visible("alias", value)
+    return value
+
+
+def _check_served_id(value: Any) -> Any:
+    if isinstance(value, str):
+        _visible("served id", value)
+    return value
+
+
+# The constraints feed the JSON Schema; the before-validators run first and give the precise message.
+LogicalName = Annotated[
+    str, StringConstraints(max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN), BeforeValidator(_check_name)
+]
+Alias = Annotated[
+    str, StringConstraints(max_length=NAME_MAX_CHARS, pattern=VISIBLE_PATTERN), BeforeValidator(_check_alias)
+]
+ServedId = Annotated[str, StringConstraints(pattern=VISIBLE_PATTERN), BeforeValidator(_check_served_id)]
 
 
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -133,11 +227,19 @@ class VersionLock(_Strict):
 class ModelEntry(_Strict):
     """One logical model. ``name`` is the key operators and tools use."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="logical name: no '/', whitespace or control characters")
+    name: LogicalName = Field(
+        description=f"logical name: at most {NAME_MAX_CHARS} characters (file names derive from it); no '/', "
+        "whitespace, control, zero-width or bidi-control characters",
+    )
     display_name: str | None = None
     backend: Backend | None = Field(default=None, description="unset = not yet configured (discovered only)")
-    served_model_id: str | None = None
-    model_aliases: list[str] = Field(default_factory=list)
+    served_model_id: ServedId | None = Field(
+        default=None, description="id the backend serves; no control or invisible characters"
+    )
+    model_aliases: list[Alias] = Field(
+        default_factory=list,
+        description=f"other names: at most {NAME_MAX_CHARS} characters; no control, zero-width or bidi-control characters",
+    )
     roles: list[str] = Field(default_factory=list)
     role_priority: int = Field(default=0, description="higher wins; ties broken by name")
     capabilities: Capabilities = Field(default_factory=Capabilities)
@@ -215,8 +317,18 @@ def json_schema() -> dict[str, Any]:
 
 def field_table() -> list[tuple[str, str, str]]:
     """(field, type, description) rows for the README's generated table."""
-    rows = []
-    for name, field in ModelEntry.model_fields.items():
-        annotation = str(field.annotation).replace("typing.", "").replace("imageworks_core.schema.", "")
-        rows.append((name, annotation, field.description or ""))
-    return rows
+    return [(name, _type_label(field.annotation), field.description or "") for name, field in ModelEntry.model_fields.items()]
+
+
+def _type_label(annotation: Any) -> str:
+    """``str | None``, ``list[str]``: a readable type (constraints and validators are in the description)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_label(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_label(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_label(a) for a in args)}]"
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))

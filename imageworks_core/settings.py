@@ -123,12 +123,16 @@ def get_settings(root: str | os.PathLike[str] | None = None) -> Settings:
 
 
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+SLUG_MAX_BYTES = 210
+"""Longest slug: every name the schema accepts (200 characters) keeps its full slug (+ 9-byte hash suffix), and
+the longest name derived from a slug (a lock manifest's temp file, 28 bytes more) stays under NAME_MAX (255)."""
 
 
 def slugify(name: str) -> str:
-    """A file-name-safe slug for a logical name (``qwen3-vl_(FP8)`` -> ``qwen3-vl_FP8``)."""
+    """A file-name-safe ASCII slug of at most ``SLUG_MAX_BYTES`` (``qwen3-vl_(FP8)`` -> ``qwen3-vl_FP8-<hash>``)."""
     slug = re.sub(r"_+", "_", _SLUG_UNSAFE.sub("_", name)).strip("._-") or "entry"
-    if slug != name:
-        # Two names that differ only in unsafe characters must not share a file.
-        slug = f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    if slug != name or len(slug) > SLUG_MAX_BYTES:
+        # Two names that differ only in unsafe characters, or only past the cut, must not share a file.
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        slug = f"{slug[: SLUG_MAX_BYTES - 9].rstrip('._-')}-{digest}"
     return slug
