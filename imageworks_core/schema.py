@@ -56,7 +56,7 @@ of Linux file systems whatever the name's script."""
 # lone surrogates (which cannot even be written as UTF-8).
 _INVISIBLE_CATEGORIES: dict[str, str] = {
     "Cc": "a control character",
-    "Cf": "an invisible format character (zero-width or bidi control)",
+    "Cf": "an invisible format character, such as a zero-width or bidi control",
     "Zl": "a line separator",
     "Zp": "a paragraph separator",
     "Cs": "a lone surrogate, not valid UTF-8",
