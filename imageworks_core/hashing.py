@@ -45,11 +45,33 @@ Symlinks
     (so a Hugging Face cache ``snapshots/<rev>`` directory, whose files link into ``../../blobs``, is refused:
     hash a ``local_dir`` download). A fifo, socket or device file in the tree is refused too.
 
+Readability
+    A regular file whose mode has no read bit for anyone (``chmod 000``, ``chmod 200``) is refused in both
+    modes, even when we run as root and could read it: the backend usually runs as another user and could not
+    load it, so such a file is broken or tampered with and never "OK". (Whether one *specific* other user can
+    read a file is not checked: we do not know which user the backend runs as.) A file this process cannot open
+    fails with "cannot read".
+
 Fast mode
-    A stat cache maps relative path -> :class:`StatEntry` ``(size, mtime_ns, inode, algorithm, digest)``; only
-    files whose ``(size, mtime_ns, inode)`` changed, or which are new, are read again. Fast mode trusts file
-    metadata, so it misses a same-size edit whose mtime was restored; full mode reads every byte and is the one
-    to set or check a lock with.
+    A stat cache maps relative path -> :class:`StatEntry` ``(size, mtime_ns, inode, ctime_ns, algorithm,
+    digest)``, taken by ``fstat`` on the open file just before its first byte is read. A file is read again when
+    it is new, when any of ``(size, mtime_ns, inode, ctime_ns, algorithm)`` differs from its row, or when this
+    process may not read it (``os.access``); only then is its digest taken from the cache. A row of an older
+    layout (no ``ctime_ns``) never matches, so it is re-hashed, not an error. A file whose size, mtime or ctime
+    moves while it is read fails the run ("changed while it was being hashed").
+
+    What it catches: any write through the filesystem by a non-root user, including an in-place write whose
+    mtime was put back (``touch -r``, ``os.utime``) and a same-size, same-mtime replacement by rename or
+    delete-and-recreate (which may even reuse the inode number): each sets the inode's ctime to the current
+    time, and only the kernel sets ctime. ``chmod``/``chown`` move the ctime too (then the file is re-read).
+
+    What it cannot catch: someone who controls the clock or the disk below the filesystem (root setting the
+    system time, or editing the block device, a disk image or an NFS export directly); a write in the same
+    clock tick as the hash's ``fstat`` on a kernel with coarse timestamps (up to a few ms; kernels with
+    multigrain timestamps, Linux 6.13+ on ext4/xfs/btrfs/tmpfs, close this); filesystems that do not keep a
+    ctime, or keep it coarsely (FAT, some network filesystems). Fast mode trusts the stat cache in the history
+    DB, so whoever can write that DB can forge it. Full mode reads every byte, trusts nothing but the lock
+    manifest, and is the one to set a lock with and to use after an incident.
 """
 
 from __future__ import annotations
@@ -137,6 +159,8 @@ _PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
 _SWITCH_BYTES = 64 * 1024 * 1024
 # A tree of many small files would otherwise call the callback once per file.
 _PROGRESS_MIN_INTERVAL_S = 0.1
+# A file none of owner, group and others may read: only root's override reads it, a backend user cannot.
+_ANY_READ_BITS = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 # Control characters would break the line format (and its sort order); lone surrogates are how Python spells
 # bytes that are not UTF-8 in a file name.
 _BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
@@ -156,11 +180,15 @@ class ProgressCallback(Protocol):
 
 
 class StatEntry(NamedTuple):
-    """One stat-cache row: what a file looked like when it was last hashed (persist it as a table row)."""
+    """One stat-cache row: what a file looked like when it was last hashed (persist it as a table row).
+
+    The first five fields are the cache key (see "Fast mode" in the module docstring); ``digest`` is the value.
+    """
 
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int
     algorithm: str
     digest: str
 
@@ -359,6 +387,7 @@ class _Job(NamedTuple):
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int
 
 
 _by_name = operator.attrgetter("name")
@@ -436,11 +465,20 @@ def _walk(root: Path, matcher: _IgnoreMatcher) -> list[_Job]:
                     raise WeightsError(f"symlink loop at {rel} in {root}: it leads back to one of its parents")
                 stack.append((entry.path, rel + "/", ancestors | {identity}))
             elif is_reg_mode(st.st_mode):
-                jobs.append(_Job(rel, path, st.st_size, st.st_mtime_ns, st.st_ino))
+                if not st.st_mode & _ANY_READ_BITS:
+                    raise WeightsError(_no_read_bits(rel, root, st.st_mode))
+                jobs.append(_Job(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
             else:
                 raise WeightsError(f"{rel} in {root} is not a regular file ({_kind(st.st_mode)}); remove it")
     jobs.sort()  # by rel, the first field
     return jobs
+
+
+def _no_read_bits(rel: str, root: Path | str, mode: int) -> str:
+    return (
+        f"{rel} in {root} has no read permission for anyone (mode 0o{stat.S_IMODE(mode):03o}): a backend not "
+        "running as root could not load it; restore it with `chmod a+r` after checking why it changed, or re-download"
+    )
 
 
 def _kind(mode: int) -> str:
@@ -503,6 +541,17 @@ def _buffer() -> memoryview:
     return buf
 
 
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    # ctime too: an in-place write whose mtime was put back during the read still moves it.
+    stamp = (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+    return stamp != (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+
+
+def _row(st: os.stat_result, algorithm: str, digest: str) -> StatEntry:
+    """The cache row for a file hashed while it had stat ``st`` (taken before its first byte was read)."""
+    return StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, algorithm, digest)
+
+
 def _unreadable(job: _Job, exc: OSError) -> WeightsError:
     return WeightsError(f"cannot read {job.rel} ({job.path}): {exc.strerror or exc}")
 
@@ -557,12 +606,10 @@ class _FileTask:
             self.close()
             raise
         self.close()
-        if (self.before.st_size, self.before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        if _changed(self.before, after):
             raise WeightsError(f"{job.rel} changed while it was being hashed; retry once writes to it have finished")
         progress.file_done(job.rel)
-        return StatEntry(
-            self.before.st_size, self.before.st_mtime_ns, self.before.st_ino, self.algorithm, self.hasher.hexdigest()
-        )
+        return _row(self.before, self.algorithm, self.hasher.hexdigest())
 
     def close(self) -> None:
         if self.fh is not None:
@@ -665,11 +712,11 @@ def _hash_mmap(job: _Job, progress: _Progress) -> StatEntry:
             after = os.fstat(fh.fileno())
     except OSError as exc:
         raise _unreadable(job, exc) from exc
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+    if _changed(before, after):
         raise WeightsError(f"{job.rel} changed while it was being hashed; retry once writes to it have finished")
     progress.add_bytes(before.st_size, job.rel)
     progress.file_done(job.rel)
-    return StatEntry(before.st_size, before.st_mtime_ns, before.st_ino, "blake3", hasher.hexdigest())
+    return _row(before, "blake3", hasher.hexdigest())
 
 
 def _hash_jobs(
@@ -728,7 +775,8 @@ def digest_file(path: str | os.PathLike[str], algorithm: Algorithm = "sha256") -
         raise WeightsError(f"cannot read {p}: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(st.st_mode):
         raise WeightsError(f"{p} is not a regular file ({_kind(st.st_mode)})")
-    return _hash_jobs([_Job(p, p, st.st_size, st.st_mtime_ns, st.st_ino)], algorithm, None, 1)[p].digest
+    job = _Job(p, p, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    return _hash_jobs([job], algorithm, None, 1)[p].digest
 
 
 def hash_directory(
@@ -747,9 +795,10 @@ def hash_directory(
 
     ``ignore`` replaces :data:`DEFAULT_IGNORE` as the base rules (pass ``expected.ignore`` to re-apply a lock's
     rules); ``extra_ignore`` (an entry's ``hash_ignore``) is appended. ``mode="fast"`` reuses digests from
-    ``cache`` for files whose size, mtime_ns and inode are unchanged; ``"full"`` reads every byte. Raises
-    :class:`WeightsError` for a missing, non-directory or empty (after ignores) ``root``, an unreadable file,
-    an odd file (fifo, socket, device), or a symlink that is broken, loops or escapes ``root``.
+    ``cache`` for files whose size, mtime_ns, inode and ctime_ns are unchanged and which this process may read;
+    ``"full"`` reads every byte. Raises :class:`WeightsError` for a missing, non-directory or empty (after
+    ignores) ``root``, an unreadable file or one with no read bit for anyone (even when running as root), an odd
+    file (fifo, socket, device), or a symlink that is broken, loops or escapes ``root``.
     """
     started = time.perf_counter()
     _check_algorithm(algorithm)
@@ -765,9 +814,15 @@ def hash_directory(
     to_hash = jobs
     if mode == "fast" and cache:
         to_hash = []
+        access, read_ok = os.access, os.R_OK
         for job in jobs:
             row = cache.get(job.rel)
-            if row is not None and tuple(row[:4]) == (job.size, job.mtime_ns, job.inode, algorithm):
+            # A row of an older layout (no ctime) compares unequal here, so it is a miss, never an error.
+            if (
+                row is not None
+                and tuple(row[:5]) == (job.size, job.mtime_ns, job.inode, job.ctime_ns, algorithm)
+                and access(job.path, read_ok)
+            ):
                 # Rows may come back from SQLite as plain tuples.
                 reused[job.rel] = row if isinstance(row, StatEntry) else StatEntry(*row)
             else:

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .settings import Settings
@@ -31,6 +32,7 @@ CREATE INDEX IF NOT EXISTS verifications_name ON verifications(name, id);
 CREATE TABLE IF NOT EXISTS stat_cache (
     directory TEXT NOT NULL, path TEXT NOT NULL, algorithm TEXT NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, digest TEXT NOT NULL,
+    ctime_ns INTEGER,
     PRIMARY KEY (directory, path, algorithm)
 );
 CREATE TABLE IF NOT EXISTS activations (
@@ -70,6 +72,7 @@ def connect(settings: Settings) -> Iterator[sqlite3.Connection]:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(_SCHEMA)
+        _migrate_revisions(conn)
         yield conn
         conn.commit()
     finally:
@@ -81,25 +84,132 @@ def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
 
 
 # Registry revisions ---------------------------------------------------------------------------------------
+# Columns added after the first release; older databases gain them on their first connect. A revision row is
+# also the journal of the write protocol (imageworks_core.journal): 'pending' while its change is in flight,
+# then 'applied', or 'not_applied' when recovery found that the change never fully reached the disk.
+_REVISION_COLUMNS = {
+    "change_id": "TEXT",
+    "status": "TEXT NOT NULL DEFAULT 'applied'",
+    "before_exists": "INTEGER NOT NULL DEFAULT 1",
+    "audit_json": "TEXT",
+}
+REVISION_STATUSES = ("pending", "applied", "not_applied")
+
+
+def _migrate_revisions(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(revisions)")}
+    for column, declaration in _REVISION_COLUMNS.items():
+        if column not in have:
+            try:
+                conn.execute(f"ALTER TABLE revisions ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+    conn.execute("CREATE INDEX IF NOT EXISTS revisions_status ON revisions(status)")
+    conn.commit()
+
+
+def stored_path(settings: Settings, path: Path) -> str:
+    """How a revision names its file: root-relative (POSIX) under the root, so the root can move."""
+    return path.relative_to(settings.root).as_posix() if path.is_relative_to(settings.root) else str(path)
+
+
+def revision_path(settings: Settings, stored: str) -> Path:
+    """The file a revision's stored path names in this root.
+
+    Relative paths (what we store) are taken from the root. Rows written before paths were relative hold
+    absolute ones; the database lives in the root and moves with it, so an absolute path under a previous root
+    is the same ``configs/...`` file under this one. Any other absolute path is returned unchanged.
+    """
+    path = Path(stored)
+    if not path.is_absolute():
+        return settings.root / path
+    if path.is_relative_to(settings.root):
+        return path
+    parts = path.parts
+    marker = settings.configs_dir.name
+    if marker in parts:
+        index = len(parts) - 1 - parts[::-1].index(marker)
+        return settings.root.joinpath(*parts[index:])
+    return path
+
+
 def record_revision(
-    settings: Settings, file: str, before: str, after: str, actor: str, command: str, names: list[str]
+    settings: Settings, file: str | Path, before: str, after: str, actor: str, command: str, names: list[str]
 ) -> int:
-    """Keep ``before`` (the previous content) as a revision; returns its id."""
+    """Keep ``before`` (the previous content) as an applied revision; returns its id."""
     with connect(settings) as conn:
         cur = conn.execute(
             "INSERT INTO revisions (file, at, actor, command, before_text, after_text, names)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (file, now_iso(), actor, command, before, after, json.dumps(names)),
+            (stored_path(settings, Path(file)), now_iso(), actor, command, before, after, json.dumps(names)),
         )
         return int(cur.lastrowid or 0)
 
 
+def record_change(
+    settings: Settings,
+    change_id: str,
+    files: list[tuple[Path, str | None, str, list[str]]],
+    *,
+    actor: str,
+    command: str,
+    audit_events: list[dict[str, Any]],
+) -> dict[Path, int]:
+    """The intent of one change: a 'pending' row per (path, before or None, after, names), in one transaction."""
+    at, events = now_iso(), json.dumps(audit_events, default=str)
+    ids: dict[Path, int] = {}
+    with connect(settings) as conn:
+        for path, before, after, names in files:
+            cur = conn.execute(
+                "INSERT INTO revisions (file, at, actor, command, before_text, after_text, names, change_id, status,"
+                " before_exists, audit_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (
+                    stored_path(settings, path),
+                    at,
+                    actor,
+                    command,
+                    before or "",
+                    after,
+                    json.dumps(names),
+                    change_id,
+                    int(before is not None),
+                    events,
+                ),
+            )
+            ids[path] = int(cur.lastrowid or 0)
+    return ids
+
+
+def settle_change(settings: Settings, change_id: str, status: str) -> None:
+    """Mark every row of a change 'applied' or 'not_applied'."""
+    with connect(settings) as conn:
+        conn.execute("UPDATE revisions SET status = ? WHERE change_id = ?", (status, change_id))
+
+
+def pending_changes(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """Rows still 'pending', grouped by change id (oldest change first)."""
+    with connect(settings) as conn:
+        rows = _rows(conn.execute("SELECT * FROM revisions WHERE status = 'pending' ORDER BY id"))
+    changes: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        changes.setdefault(row["change_id"], []).append(row)
+    return changes
+
+
+def has_revisions(settings: Settings, path: Path) -> bool:
+    """Whether an applied revision of ``path`` (stored relative or absolute) exists."""
+    with connect(settings) as conn:
+        stored = [row[0] for row in conn.execute("SELECT DISTINCT file FROM revisions WHERE status = 'applied'")]
+    return any(revision_path(settings, file) == path for file in stored)
+
+
 def list_revisions(settings: Settings, name: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    """Newest first; with ``name``, only revisions that touched that entry."""
-    query = "SELECT id, file, at, actor, command, names FROM revisions"
+    """Newest first, changes still in flight left out; with ``name``, only revisions that touched that entry."""
+    query = "SELECT id, file, at, actor, command, names, change_id, status FROM revisions WHERE status != 'pending'"
     params: tuple[Any, ...] = ()
     if name:
-        query += " WHERE EXISTS (SELECT 1 FROM json_each(revisions.names) WHERE value = ?)"
+        query += " AND EXISTS (SELECT 1 FROM json_each(revisions.names) WHERE value = ?)"
         params = (name,)
     query += " ORDER BY id DESC LIMIT ?"
     with connect(settings) as conn:
@@ -151,25 +261,46 @@ def list_verifications(settings: Settings, name: str | None = None, limit: int =
         return _rows(conn.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)))
 
 
-def load_stat_cache(settings: Settings, directory: str, algorithm: str) -> dict[str, tuple[int, int, int, str]]:
-    """``{path: (size, mtime_ns, inode, digest)}`` recorded for a weights directory."""
+def _stat_cache_with_ctime(conn: sqlite3.Connection) -> None:
+    """Add ``ctime_ns`` to a stat_cache table made before it joined the key; its old rows stay NULL (a miss)."""
+    if any(row["name"] == "ctime_ns" for row in conn.execute("PRAGMA table_info(stat_cache)")):
+        return
+    try:
+        conn.execute("ALTER TABLE stat_cache ADD COLUMN ctime_ns INTEGER")
+    except sqlite3.OperationalError as exc:  # another process added it first
+        if "duplicate column" not in str(exc):
+            raise
+
+
+def load_stat_cache(
+    settings: Settings, directory: str, algorithm: str
+) -> dict[str, tuple[int, int, int, int | None, str]]:
+    """``{path: (size, mtime_ns, inode, ctime_ns, digest)}`` recorded for a weights directory.
+
+    ``ctime_ns`` is None for rows written before it was recorded; the hashing code treats those as misses.
+    """
     with connect(settings) as conn:
+        _stat_cache_with_ctime(conn)
         rows = conn.execute(
-            "SELECT path, size, mtime_ns, inode, digest FROM stat_cache WHERE directory = ? AND algorithm = ?",
+            "SELECT path, size, mtime_ns, inode, ctime_ns, digest FROM stat_cache"
+            " WHERE directory = ? AND algorithm = ?",
             (directory, algorithm),
         ).fetchall()
-    return {row["path"]: (row["size"], row["mtime_ns"], row["inode"], row["digest"]) for row in rows}
+    return {
+        row["path"]: (row["size"], row["mtime_ns"], row["inode"], row["ctime_ns"], row["digest"]) for row in rows
+    }
 
 
 def save_stat_cache(
-    settings: Settings, directory: str, algorithm: str, cache: dict[str, tuple[int, int, int, str]]
+    settings: Settings, directory: str, algorithm: str, cache: dict[str, tuple[int, int, int, int, str]]
 ) -> None:
-    """Replace the stat cache of a directory."""
+    """Replace the stat cache of a directory; values are ``(size, mtime_ns, inode, ctime_ns, digest)``."""
     with connect(settings) as conn:
+        _stat_cache_with_ctime(conn)
         conn.execute("DELETE FROM stat_cache WHERE directory = ? AND algorithm = ?", (directory, algorithm))
         conn.executemany(
-            "INSERT INTO stat_cache (directory, path, algorithm, size, mtime_ns, inode, digest)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO stat_cache (directory, path, algorithm, size, mtime_ns, inode, ctime_ns, digest)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(directory, path, algorithm, *values) for path, values in cache.items()],
         )
 

@@ -119,8 +119,10 @@ def _load_cache(settings: Settings, directory: str, algorithm: str) -> dict[str,
     if not settings.history_db_path.exists():
         return {}
     rows = history.load_stat_cache(settings, directory, algorithm)
+    # A NULL ctime (a row from before it was recorded) never equals a file's: hash_directory re-reads that file.
     return {
-        path: StatEntry(size, mtime, inode, algorithm, digest) for path, (size, mtime, inode, digest) in rows.items()
+        path: StatEntry(size, mtime, inode, ctime, algorithm, digest)  # type: ignore[arg-type]
+        for path, (size, mtime, inode, ctime, digest) in rows.items()
     }
 
 
@@ -129,7 +131,7 @@ def _save_cache(settings: Settings, directory: str, algorithm: str, result: Hash
         settings,
         directory,
         algorithm,
-        {path: (e.size, e.mtime_ns, e.inode, e.digest) for path, e in result.cache.items()},
+        {path: (e.size, e.mtime_ns, e.inode, e.ctime_ns, e.digest) for path, e in result.cache.items()},
     )
 
 

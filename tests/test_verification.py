@@ -5,8 +5,13 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sqlite3
+import time
 
-from imageworks_core import history
+import pytest
+from conftest import free_port
+
+from imageworks_core import history, runtime
 from imageworks_core.registry import load_registry
 from imageworks_core.settings import Settings
 from imageworks_core.verification import lock_entry, verify_entry
@@ -82,10 +87,11 @@ def test_fast_rehashes_only_changed_files_and_full_catches_a_restored_mtime_flip
     target = weights(root) / "model.safetensors"
     st = target.stat()
     data = bytearray(target.read_bytes())
-    data[-1] ^= 0xFF  # same size; restore mtime: only a full read can see it
+    data[-1] ^= 0xFF  # same size; restore mtime
+    time.sleep(0.02)  # out of the clock tick the lock hashed in (coarse timestamps, see imageworks_core.hashing)
     target.write_bytes(bytes(data))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert verify_entry(root, DEMO, fast=True).result in ("ok", "drift")  # the stat cache may miss it (inode same)
+    assert verify_entry(root, DEMO, fast=True).result == "drift"  # the ctime moved: the stat cache misses it
     full = verify_entry(root, DEMO)
     assert full.result == "drift" and [c.path for c in full.report.modified] == ["model.safetensors"]
     with open(weights(root) / "config.json", "a") as handle:
@@ -137,3 +143,74 @@ def test_blake3_lock_verifies_with_blake3(root: Settings, cli) -> None:
     assert data["algorithm"] == "blake3" and data["result"] == "ok"
     assert cli("verify", DEMO, "--algorithm", "sha256").code == 64
     assert cli("verify", DEMO, "--algorithm", "md5").code == 64
+
+
+def tamper_in_place_keeping_mtime(path) -> None:
+    """What `dd conv=notrunc` + `touch -r` do: new bytes, same inode, same size, the old mtime put back."""
+    st = path.stat()
+    time.sleep(0.02)  # out of the clock tick the lock hashed in (coarse timestamps, see imageworks_core.hashing)
+    with open(path, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"TAMPERED")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def test_in_place_tamper_with_restored_mtime_fails_fast_verify_and_the_activation_lock_check(
+    root: Settings, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
+    assert cli("lock", DEMO, "--set-expected").code == 0
+    assert cli("verify", DEMO, "--fast").code == 0  # the stat cache is warm and matches
+    tamper_in_place_keeping_mtime(weights(root) / "model.safetensors")
+
+    result = cli("verify", DEMO, "--fast")
+    assert result.code == 2, result.out
+    assert "modified  model.safetensors" in result.out
+    assert "re-hashed 1 of" in result.out
+
+    try:
+        refused = cli("activate-model", DEMO)
+        assert refused.code == 2, refused.err
+        assert "is locked and its weights failed fast verification (drift" in refused.err
+        assert history.list_activations(root)[0]["result"] == "refused"
+        assert not root.active_state_path.exists()
+    finally:
+        runtime.stop(root)  # only matters if the check let it through
+
+
+def test_a_weights_file_with_no_read_bits_fails_fast_verify(root: Settings, cli) -> None:
+    lock_entry(root, DEMO, set_expected=True)
+    target = weights(root) / "config.json"
+    target.chmod(0o000)
+    try:
+        result = cli("verify", DEMO, "--fast")
+        assert result.code == 7, result.out
+        assert "OK" not in result.out
+        assert "config.json" in result.err and "no read permission" in result.err
+    finally:
+        target.chmod(0o644)
+    assert cli("verify", DEMO, "--fast").code == 0
+
+
+def test_stat_cache_from_an_older_history_db_is_a_miss_not_a_crash(root: Settings) -> None:
+    # The stat_cache table as it was before ctime_ns joined the key, with a row that would otherwise match.
+    lock_entry(root, DEMO, set_expected=True)
+    directory = str(weights(root).resolve())
+    with sqlite3.connect(root.history_db_path) as conn:
+        rows = conn.execute("SELECT path, size, mtime_ns, inode, digest FROM stat_cache").fetchall()
+        conn.execute("DROP TABLE stat_cache")
+        conn.execute(
+            "CREATE TABLE stat_cache (directory TEXT NOT NULL, path TEXT NOT NULL, algorithm TEXT NOT NULL,"
+            " size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, digest TEXT NOT NULL,"
+            " PRIMARY KEY (directory, path, algorithm))"
+        )
+        conn.executemany(
+            "INSERT INTO stat_cache VALUES (?, ?, 'sha256', ?, ?, ?, ?)", [(directory, *row) for row in rows]
+        )
+    assert len(rows) == 5
+    first = verify_entry(root, DEMO, fast=True)
+    assert first.result == "ok" and sorted(first.rehashed) == sorted(r[0] for r in rows)  # all missed: re-read
+    second = verify_entry(root, DEMO, fast=True)
+    assert second.result == "ok" and second.rehashed == []  # the migrated table now holds full keys

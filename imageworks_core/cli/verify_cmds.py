@@ -50,7 +50,9 @@ def _algorithm(value: str | None) -> str | None:
 @app.command("verify")
 def verify_cmd(
     name: Annotated[str, typer.Argument(help="Logical name, alias or served id.")],
-    fast: Annotated[bool, typer.Option("--fast", help="Re-hash only files whose size/mtime/inode changed.")] = False,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Re-hash only files whose size/mtime/ctime/inode changed.")
+    ] = False,
     algorithm: AlgorithmOpt = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
