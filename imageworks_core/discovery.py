@@ -32,13 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from . import audit, history
+from . import audit, history, schema
 from .download import DownloadResult, ProgressCallback, download_repo, location_roots, read_marker, resolve_location
 from .errors import RegistryError, UsageError, WeightsError
 from .formats import FormatInfo, ScanResult, scan_directory
 from .registry import Registry, edit_layer, load_registry
 from .registry_file import read_registry_text, splice
-from .schema import NAME_PATTERN
 from .settings import Settings
 
 PROVIDER_HUGGINGFACE = "huggingface"
@@ -54,7 +53,6 @@ _QUANTIZED_FORMATS = frozenset({"awq", "gptq", "fp8", "bitsandbytes", "compresse
 _QUANT_TAIL = re.compile(
     r"[-_.](awq|gptq|fp8|gguf|bnb|int4|int8|w4a16|w8a8|w8a16|nf4|4bit|8bit|dynamic|marlin)$", re.IGNORECASE
 )
-_NAME_RE = re.compile(NAME_PATTERN)
 
 EntryStatus = Literal["created", "updated", "unchanged"]
 NormalizeStatus = Literal["unchanged", "updated", "missing", "skipped"]
@@ -197,10 +195,11 @@ def _unique_name(wanted: str, taken: set[str]) -> str:
 
 
 def check_name(name: str) -> str:
-    """``name`` if it is a valid logical name, else UsageError."""
-    if not _NAME_RE.match(name):
-        raise UsageError(f"invalid name {name!r}: use no '/', whitespace or control characters (parentheses are fine)")
-    return name
+    """``name`` if it is a valid logical name (the schema's rule), else UsageError."""
+    try:
+        return schema.check_name(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # Facts ----------------------------------------------------------------------------------------------------------

@@ -62,12 +62,12 @@ _INVISIBLE_CATEGORIES: dict[str, str] = {
     "Cs": "a lone surrogate, not valid UTF-8",
 }
 # The same set for JSON Schema editors, as far as a portable regex class can spell it (the BMP members).
-_INVISIBLE_CLASS = (
+INVISIBLE_CLASS = (
     r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
 )
 # Logical names: anything printable except '/', whitespace and the characters above.
-NAME_PATTERN = rf"^[^\s/{_INVISIBLE_CLASS}]+$"
-VISIBLE_PATTERN = rf"^[^{_INVISIBLE_CLASS}]*$"
+NAME_PATTERN = rf"^[^\s/{INVISIBLE_CLASS}]+$"
+VISIBLE_PATTERN = rf"^[^{INVISIBLE_CLASS}]*$"
 
 
 def invisible_character(value: str) -> str | None:
@@ -95,8 +95,12 @@ def _bounded(kind: str, value: Any) -> None:
         )
 
 
-def _check_name(value: Any) -> Any:
-    # Before pydantic's own pattern check, so the error names the offending character and the fix.
+def check_name(value: Any) -> Any:
+    """``value`` if it is a valid logical name, else ValueError saying why and the fix.
+
+    Runs before pydantic's own length and pattern checks, so the error names the limit or the offending
+    character; non-strings pass through to pydantic's type check.
+    """
     if not isinstance(value, str):
         return value
     _bounded("name", value)
@@ -121,7 +125,7 @@ def _check_served_id(value: Any) -> Any:
 
 # The constraints feed the JSON Schema; the before-validators run first and give the precise message.
 LogicalName = Annotated[
-    str, StringConstraints(max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN), BeforeValidator(_check_name)
+    str, StringConstraints(max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN), BeforeValidator(check_name)
 ]
 Alias = Annotated[
     str, StringConstraints(max_length=NAME_MAX_CHARS, pattern=VISIBLE_PATTERN), BeforeValidator(_check_alias)

@@ -202,3 +202,23 @@ def test_the_schema_patterns_refuse_what_the_validator_refuses(char: str) -> Non
     assert re.fullmatch(NAME_PATTERN, f"a{char}b") is None
     assert re.fullmatch(VISIBLE_PATTERN, f"a{char}b") is None
     assert re.fullmatch(NAME_PATTERN, "modèle-日本語_(FP8)") and re.fullmatch(VISIBLE_PATTERN, "org/a model")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("m" * (NAME_MAX_CHARS + 1), f"at most {NAME_MAX_CHARS} characters"), ("tiny\u200b", "U+200B")],
+)
+def test_download_scan_name_option_uses_the_same_rule(
+    root: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, expected: str
+) -> None:
+    from imageworks_core.cli.app import run
+    from imageworks_core.download_cli import app
+
+    weights = tmp_path / "tiny"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(b"\x80\x02tiny")
+    before = root.discovered_path.read_text()
+    capsys.readouterr()
+    assert run(app, ["scan", str(weights), "--name", name], "imageworks-download") == 64
+    assert expected in capsys.readouterr().err
+    assert root.discovered_path.read_text() == before
