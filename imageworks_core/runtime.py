@@ -6,10 +6,29 @@ One GPU, one port. Activating an entry stops whatever serves on the port and sta
 - Activations never interleave: each holds ``_staging/active_vllm.lock`` (bounded wait).
 - A backend is "ready" only when its health path answers 200 *and* ``/v1/models`` lists the entry's served id,
   so a stranger on the port is never taken for ours.
-- We only ever signal a process the state file proves we started: its pid is alive *and* has the recorded
-  create time. Anything else is stale state, reported and cleaned without killing.
-- Stopping signals the whole process group (SIGTERM, then SIGKILL after ``CHAT_PROXY_VLLM_STOP_TIMEOUT_S``) plus
-  any child that left the group, and checks every one of them is gone.
+- We only ever signal a process proven to be ours. Every launch gets a random launch id, recorded in the state
+  and set as ``IMAGEWORKS_LAUNCH_ID`` in the backend's environment (inherited by everything it starts). Proof is
+  one of: the leader's pid *with* its recorded create time; a descendant of that verified leader; a member of
+  the verified leader's own process group; a descendant recorded (pid + create time) when the backend became
+  ready; any process created after the leader whose environment carries the launch id (children that left the
+  group or session by double fork or ``setsid`` are found this way). The recorded ``pgid`` is informational and
+  never used to choose what to signal: after a reboot, pid reuse or a hand edit it may name anybody's group.
+  Signals go to single processes through psutil, which re-checks the create time, never to a whole group.
+- Adversary not covered: a process of the same user that copies our launch id into its environment on purpose,
+  and a child of a *dead* leader that both cleared its environment and was not yet recorded; the latter is left
+  running (the port check then names it) rather than guessed at.
+- Read-only paths (:func:`read_state`, :func:`current`, :func:`is_serving`, so ``current-model``, ``GET
+  /v1/active`` and a dashboard refresh) never signal. A dead leader whose launch left processes running is
+  reported as ``failed`` with their pids (``leftover_pids``) until ``activate-model --stop`` or the next
+  activation stops them; a state with nothing of ours left is removed as ``stale``.
+- Stopping sends SIGTERM to every process of the launch, SIGKILL after ``CHAT_PROXY_VLLM_STOP_TIMEOUT_S``,
+  rescans for processes forked meanwhile, and raises :class:`BackendError` (exit 6) naming every pid still
+  running; the state is then kept so a later stop retries.
+- Crash safety: the launch (launch id, status ``starting``, pid 0) is recorded *before* the spawn and rewritten
+  with the pid and create time right after it, so an activator killed at any point leaves a record by which
+  the next activation or stop finds and stops the orphan. An exception after the spawn stops it at once.
+- A corrupt state file is never guessed at: with the port free it is removed; with the port held the operator
+  gets one line naming the file, the holder and the fix, and nothing is signalled.
 - Every activation, stop and failure is an audit-log line and a history row.
 """
 
@@ -22,6 +41,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,6 +78,10 @@ CREATE_TIME_TOLERANCE_S = 0.05
 """psutil create times have clock-tick (10 ms) resolution; a reused pid differs by far more."""
 ACTIVATION_LOCK_MARGIN_S = 10.0
 """Extra lock wait beyond the holder's worst case (its stop plus its start timeout)."""
+LAUNCH_ID_ENV = "IMAGEWORKS_LAUNCH_ID"
+"""Set in every backend's environment to its launch id: how a process that left the group is known as ours."""
+KILL_RESCAN_ROUNDS = 3
+"""After SIGKILL: how many times to rescan for processes forked meanwhile before calling the stop failed."""
 
 Phase = Literal["preflight", "verify", "lock", "gpu", "stopping", "starting", "waiting", "ready", "failed"]
 ProgressCallback = Callable[[str, float, str], None]
@@ -74,9 +98,16 @@ class ActiveState(BaseModel):
 
     name: str
     served_model_id: str
-    pid: int
+    pid: int = Field(description="the backend's leader; 0 while it is being spawned (not yet known)")
     create_time: float = Field(description="psutil create time of pid: proves the pid is still our process")
-    pgid: int
+    pgid: int = Field(description="informational (the leader's own group); never used to choose whom to signal")
+    launch_id: str | None = Field(
+        default=None,
+        description=f"random id set as {LAUNCH_ID_ENV} in the backend's environment; None in pre-marker states",
+    )
+    children: list[tuple[int, float]] = Field(
+        default_factory=list, description="(pid, create time) of the leader's descendants when it became ready"
+    )
     host: str
     port: int
     base_url: str = Field(description="OpenAI-compatible base URL (…/v1)")
@@ -107,6 +138,9 @@ class ActiveStatus(BaseModel):
     log_path: str
     stale_reason: str | None = Field(default=None, description="why the state was stale (it has been cleaned)")
     error: str | None = None
+    leftover_pids: list[int] = Field(
+        default_factory=list, description="processes of this launch still running although its leader is gone"
+    )
     gpus: list[dict[str, Any]] = Field(default_factory=list)
     gpu_memory_bytes: int | None = Field(default=None, description="GPU memory held by the backend's processes")
     gpu_note: str | None = Field(default=None, description="why GPU figures are missing")
@@ -194,6 +228,8 @@ def _live(proc: psutil.Process) -> bool:
 
 def _identify(state: ActiveState) -> tuple[psutil.Process | None, str]:
     """(the recorded process, '') when the pid is alive with the recorded create time, else (None, why not)."""
+    if state.pid <= 0:
+        return None, "no backend pid was recorded (the activation stopped while spawning it)"
     _reap(state.pid)
     try:
         proc = psutil.Process(state.pid)
@@ -215,55 +251,90 @@ def _identify(state: ActiveState) -> tuple[psutil.Process | None, str]:
     return proc, ""
 
 
-def _group_members(pgid: int) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    members = []
-    for proc in psutil.process_iter():
+@dataclass(frozen=True)
+class _Proof:
+    """What proves a process belongs to one launch; taken once per stop so every rescan applies the same proof."""
+
+    leader: psutil.Process | None
+    group: int | None  # the verified leader's own process group, None once the leader is gone
+    launch_id: str | None
+    born_after: float  # every process of the launch was created after its leader
+    children: tuple[tuple[int, float], ...]
+
+
+def _proof(state: ActiveState) -> _Proof:
+    leader, _why = _identify(state)
+    group = None
+    if leader is not None:
         try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error):
+            # The recorded pgid is not trusted: the group counts only while the verified leader leads it.
+            group = leader.pid if os.getpgid(leader.pid) == leader.pid else None
+        except OSError:
+            group = None
+    created = leader.create_time() if leader is not None else (state.create_time if state.pid > 0 else 0.0)
+    return _Proof(
+        leader=leader,
+        group=group,
+        launch_id=state.launch_id,
+        born_after=created - CREATE_TIME_TOLERANCE_S,
+        children=tuple((int(pid), float(ct)) for pid, ct in state.children),
+    )
+
+
+def _find(proof: _Proof) -> list[psutil.Process]:
+    """Every live process ``proof`` shows to be ours (see the module docstring). Reads /proc, signals nothing."""
+    found: dict[int, psutil.Process] = {}
+    if proof.leader is not None and _live(proof.leader):
+        found[proof.leader.pid] = proof.leader
+        try:
+            found.update({p.pid: p for p in proof.leader.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for pid, created in proof.children:
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) <= CREATE_TIME_TOLERANCE_S:
+                found.setdefault(pid, proc)
+        except psutil.NoSuchProcess:
             continue
-    return members
+    if proof.group is not None or proof.launch_id:
+        own = os.getpid()
+        for proc in psutil.process_iter():
+            if proc.pid in found or proc.pid == own:
+                continue
+            try:
+                if proc.create_time() < proof.born_after:
+                    continue
+                if proof.group is not None and os.getpgid(proc.pid) == proof.group:
+                    found[proc.pid] = proc
+                elif proof.launch_id and proc.environ().get(LAUNCH_ID_ENV) == proof.launch_id:
+                    found[proc.pid] = proc
+            except (psutil.Error, OSError):
+                continue  # gone, or another user's process (whose environment we cannot read)
+    return [proc for proc in found.values() if _live(proc)]
 
 
 def _processes_of(state: ActiveState) -> list[psutil.Process]:
-    """Every live process we may signal for ``state``: the verified leader, its descendants (also those that
-    left the group) and the members of its process group.
-
-    With the leader gone, group members are still ours: Linux never hands out a pid that is some live process's
-    process group id, so a group numbered ``pgid`` whose leader is dead is the group we created. A live process
-    *with* pid ``pgid`` but another create time means the number was reused, and then nothing is touched.
-    """
-    leader, _why = _identify(state)
-    found: dict[int, psutil.Process] = {}
-    if leader is not None:
-        found[leader.pid] = leader
-        try:
-            found.update({p.pid: p for p in leader.children(recursive=True) if _live(p)})
-        except psutil.NoSuchProcess:
-            pass
-    elif state.pgid == state.pid and psutil.pid_exists(state.pgid):
-        try:
-            if psutil.Process(state.pgid).status() != psutil.STATUS_ZOMBIE:
-                return []  # the pid was reused: the group is not ours
-        except psutil.NoSuchProcess:
-            pass
-    for member in _group_members(state.pgid):
-        found.setdefault(member.pid, member)
-    return list(found.values())
+    """Every live process proven to belong to the launch ``state`` records."""
+    return _find(_proof(state))
 
 
-def _signal_all(pgid: int, procs: list[psutil.Process], sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _send_signal(proc: psutil.Process, sig: signal.Signals) -> None:
+    """Signal one process; psutil re-checks its create time first, so a reused pid is never hit."""
+    proc.send_signal(sig)
+
+
+def _signal_all(procs: list[psutil.Process], sig: signal.Signals) -> set[int]:
+    """Signal each process; returns the pids the kernel refused to signal (another user's)."""
+    refused = set()
     for proc in procs:
         try:
-            proc.send_signal(sig)  # psutil checks the create time first, so a reused pid is never hit
-        except psutil.Error:
+            _send_signal(proc, sig)
+        except psutil.AccessDenied:
+            refused.add(proc.pid)
+        except psutil.NoSuchProcess:
             pass
+    return refused
 
 
 def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
@@ -281,34 +352,44 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
 
 
 def _terminate(state: ActiveState, stop_timeout_s: float) -> tuple[str | None, list[int]]:
-    """SIGTERM the group (and strays), SIGKILL what is left after the timeout. Returns (last signal, pids).
+    """SIGTERM every process of the launch, SIGKILL what is left after the timeout. Returns (last signal, pids).
 
-    Raises BackendError if any process survives SIGKILL.
+    Raises BackendError naming every pid still running after SIGKILL (and rescans for processes forked meanwhile).
     """
-    procs = _processes_of(state)
+    proof = _proof(state)
+    procs = _find(proof)
     if not procs:
         return None, []
-    pids = sorted(p.pid for p in procs)
-    _signal_all(state.pgid, procs, signal.SIGTERM)
+    pids = {p.pid for p in procs}
+    refused = _signal_all(procs, signal.SIGTERM)
     alive = _wait_gone(procs, stop_timeout_s)
-    # A process forked while we waited is in the group too.
-    alive += [p for p in _group_members(state.pgid) if p.pid not in {a.pid for a in alive}]
+    # A process forked while we waited carries the marker (or sits in the leader's group) too.
+    alive += [p for p in _find(proof) if p.pid not in {a.pid for a in alive}]
     if not alive:
         for pid in pids:
             _reap(pid)
-        return "SIGTERM", pids
-    pids = sorted(set(pids) | {p.pid for p in alive})
-    _signal_all(state.pgid, alive, signal.SIGKILL)
-    survivors = _wait_gone(alive, KILL_WAIT_S) + _group_members(state.pgid)
+        return "SIGTERM", sorted(pids)
+    for _round in range(KILL_RESCAN_ROUNDS):
+        pids |= {p.pid for p in alive}
+        refused |= _signal_all(alive, signal.SIGKILL)
+        alive = _wait_gone(alive, KILL_WAIT_S)
+        late = [p for p in _find(proof) if p.pid not in {a.pid for a in alive}]
+        if not late:
+            break
+        alive += late
     for pid in pids:
         _reap(pid)
+    survivors = sorted(p.pid for p in alive if _live(p))
     if survivors:
+        denied = sorted(refused & set(survivors))
+        why = f"; the kernel refused to signal pid(s) {', '.join(map(str, denied))} (another user's?)" if denied else ""
+        listed = ",".join(map(str, survivors))
         raise BackendError(
-            f"could not stop {state.name!r}: pid(s) {', '.join(str(p.pid) for p in survivors)} survived SIGKILL "
-            "(stuck in the kernel, e.g. on a GPU driver call); check `ps -o pid,stat,cmd -g "
-            f"{state.pgid}` and the GPU driver"
+            f"could not stop {state.name!r}: pid(s) {', '.join(map(str, survivors))} of its launch are still "
+            f"running after SIGKILL{why}; the state is kept so `imageworks-models activate-model --stop` can "
+            f"retry: check `ps -o pid,user,stat,cmd -p {listed}` (stuck in the kernel, e.g. on a GPU driver call?)"
         )
-    return "SIGKILL", pids
+    return "SIGKILL", sorted(pids)
 
 
 # GPU -----------------------------------------------------------------------------------------------------
@@ -537,15 +618,38 @@ def _open_log(settings: Settings, entry: ModelEntry, argv: list[str]) -> tuple[P
 
 
 # Stop ----------------------------------------------------------------------------------------------------
+def _record_stop(settings: Settings, state: ActiveState, outcome: str, detail: str, **fields: Any) -> None:
+    """The audit line and history row of a stop (also of a stale state removed without a stop)."""
+    log_event(settings, "stop", name=state.name, pid=state.pid or None, result=outcome, **fields)
+    history.record_activation(
+        settings,
+        name=state.name,
+        action="stop",
+        result=outcome,
+        actor=current_actor(settings),
+        stop_s=fields.get("stop_s"),
+        pid=state.pid or None,
+        detail=detail or None,
+    )
+
+
 def _stop_locked(settings: Settings, state: ActiveState, *, reason: str) -> StopResult:
-    """Stop the recorded backend (the caller holds the activation lock), clear the state, log and record it."""
+    """Stop the recorded backend (the caller holds the activation lock), clear the state, log and record it.
+
+    If a process of the launch survives, BackendError (exit 6) names it and the state is kept for a retry.
+    """
     started = time.monotonic()
     leader, why = _identify(state)
-    stale = leader is None and state.status != "failed"
-    sig, pids = _terminate(state, settings.vllm_stop_timeout_s)
+    leader_gone = leader is None and state.status != "failed"
+    try:
+        sig, pids = _terminate(state, settings.vllm_stop_timeout_s)
+    except BackendError as exc:
+        _record_stop(settings, state, "failed", f"{reason}; {exc.message}", reason=reason, error=exc.message)
+        raise
     stop_s = round(time.monotonic() - started, 3)
     gpu_released, warning = _wait_gpu_release(pids) if pids else (None, None)
     _clear_state(settings)
+    stale = leader_gone and not pids  # the state described nothing of ours: nothing was signalled
     result = StopResult(
         name=state.name,
         pid=state.pid,
@@ -553,7 +657,7 @@ def _stop_locked(settings: Settings, state: ActiveState, *, reason: str) -> Stop
         signal=sig,
         stopped_pids=pids,
         stale=stale,
-        stale_reason=why if stale else None,
+        stale_reason=why if leader_gone else None,
         gpu_released=gpu_released,
         warnings=[warning] if warning else [],
     )
@@ -561,13 +665,12 @@ def _stop_locked(settings: Settings, state: ActiveState, *, reason: str) -> Stop
         outcome = "stale" if stale else "cleared"
     else:
         outcome = "killed" if sig == "SIGKILL" else "stopped"
-    detail = "; ".join(x for x in (reason, why if stale else "", warning or "") if x)
-    log_event(
+    left = f"{why}; stopped what its launch left running" if leader_gone and pids else why if leader_gone else ""
+    _record_stop(
         settings,
-        "stop",
-        name=state.name,
-        pid=state.pid,
-        result=outcome,
+        state,
+        outcome,
+        "; ".join(x for x in (reason, left, warning or "") if x),
         signal=sig,
         stopped_pids=pids,
         stop_s=stop_s,
@@ -575,30 +678,40 @@ def _stop_locked(settings: Settings, state: ActiveState, *, reason: str) -> Stop
         stale_reason=result.stale_reason,
         gpu_released=gpu_released,
     )
-    history.record_activation(
-        settings,
-        name=state.name,
-        action="stop",
-        result=outcome,
-        actor=current_actor(settings),
-        stop_s=stop_s,
-        pid=state.pid,
-        detail=detail or None,
-    )
     return result
+
+
+def _unreadable_state_error(settings: Settings, problem: str) -> BackendError | None:
+    """None when nothing holds the port (the unreadable file may go); else the one-line error for the operator.
+
+    An unreadable file proves nothing about which process is ours, so nothing is ever signalled on its account.
+    """
+    holder = port_holder(settings.vllm_host, settings.vllm_port)
+    if holder is None:
+        return None
+    pid = holder.split(" ", 2)[1] if holder.startswith("pid ") else "PID"
+    return BackendError(
+        f"{problem}; port {settings.vllm_port} on {settings.vllm_host} is held by {holder}, which may be the "
+        f"backend it recorded, so nothing was signalled: if it is, stop it (`kill {pid}`), then delete "
+        f"{settings.active_state_path}"
+    )
 
 
 def stop(settings: Settings, *, reason: str = "", lock_timeout_s: float | None = None) -> StopResult | None:
     """Stop the active backend and clear the state. Idempotent: None when nothing was recorded.
 
-    Waits (bounded) for an activation in progress to finish first.
+    Waits (bounded) for an activation in progress to finish first. An unreadable state file is removed when the
+    port is free, and is a BackendError naming the file, the port holder and the fix when it is not.
     """
     wait_s = lock_timeout_s if lock_timeout_s is not None else _lock_wait(settings, None)
     with _activation_lock(settings, wait_s, "stopping"):
         state, problem = _read_state_lenient(settings)
         if state is None:
             if problem:
-                # Unreadable: nothing proves which process is ours, so nothing is signalled.
+                error = _unreadable_state_error(settings, problem)
+                if error is not None:
+                    log_event(settings, "stop", name=None, result="failed", reason=reason, error=error.message)
+                    raise error
                 _clear_state(settings)
                 log_event(settings, "stop", name=None, result="stale", reason=reason, stale_reason=problem)
             return None
@@ -630,8 +743,8 @@ def _lock_wait(settings: Settings, start_timeout_s: float | None) -> float:
     return start + settings.vllm_stop_timeout_s + KILL_WAIT_S + ACTIVATION_LOCK_MARGIN_S
 
 
-def _backend_env(settings: Settings, entry: ModelEntry) -> dict[str, str]:
-    env = {**os.environ, **entry.backend_config.env}
+def _backend_env(settings: Settings, entry: ModelEntry, launch_id: str) -> dict[str, str]:
+    env = {**os.environ, **entry.backend_config.env, LAUNCH_ID_ENV: launch_id}
     # Python backends should flush their logs line by line, so a crash's last words reach the log.
     env.setdefault("PYTHONUNBUFFERED", "1")
     for alias, value, _source in settings.env_sources():
@@ -735,6 +848,11 @@ def activate(
     progress("lock", "waiting for the activation lock")
     with _activation_lock(settings, _lock_wait(settings, start_timeout), f"activating {entry.name!r}"):
         previous, problem = _read_state_lenient(settings)
+        if problem:
+            error = _unreadable_state_error(settings, problem)
+            if error is not None:
+                _fail(settings, entry, error.message)
+                raise error
         if _already_active(settings, previous, entry, argv):
             assert previous is not None
             progress("ready", f"{entry.name!r} is already active")
@@ -782,33 +900,15 @@ def _start(
 ) -> ActiveState:
     progress("starting", " ".join(argv))
     log_path, log_handle = _open_log(settings, entry, argv)
-    spawned_at = time.monotonic()
-    try:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_handle,
-                stderr=subprocess.STDOUT,
-                env=_backend_env(settings, entry),
-                cwd=settings.root,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            message = f"cannot start {entry.name!r}: {argv[0]!r}: {exc.strerror or exc}; is it installed and on PATH?"
-            _fail(settings, entry, message, stop_s=stop_s)
-            raise BackendError(message) from exc
-    finally:
-        log_handle.close()
-    with _spawned_guard:
-        _spawned[proc.pid] = proc
+    # Recorded before the spawn: whenever this process dies from here on, the next stop or activation finds
+    # the backend (and all it started) by the launch id in its environment.
     state = ActiveState(
         name=entry.name,
         served_model_id=entry.effective_served_id,
-        pid=proc.pid,
-        create_time=psutil.Process(proc.pid).create_time(),
-        pgid=proc.pid,  # start_new_session: the backend leads its own session and process group
+        pid=0,
+        create_time=0.0,
+        pgid=0,
+        launch_id=uuid.uuid4().hex,
         host=settings.vllm_host,
         port=settings.vllm_port,
         base_url=single_port_endpoint(settings),
@@ -818,10 +918,36 @@ def _start(
         log_path=str(log_path),
         activated_by=current_actor(settings),
     )
-    _write_state(settings, state)
+    try:
+        _write_state(settings, state)
+        spawned_at = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                env=_backend_env(settings, entry, state.launch_id or ""),
+                cwd=settings.root,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            _clear_state(settings)  # nothing was started
+            message = f"cannot start {entry.name!r}: {argv[0]!r}: {exc.strerror or exc}; is it installed and on PATH?"
+            _fail(settings, entry, message, stop_s=stop_s)
+            raise BackendError(message) from exc
+    finally:
+        log_handle.close()
+    with _spawned_guard:
+        _spawned[proc.pid] = proc
+    # start_new_session: the backend leads its own session and process group.
+    state = state.model_copy(update={"pid": proc.pid, "pgid": proc.pid})
     root, health_path = _server_root(state.host, state.port), _health_path(settings, entry)
     failure = ""
     try:
+        state = state.model_copy(update={"create_time": psutil.Process(proc.pid).create_time()})
+        _write_state(settings, state)
         with httpx.Client(timeout=HEALTH_REQUEST_TIMEOUT_S, trust_env=False) as client:
             while True:
                 code = proc.poll()
@@ -846,7 +972,8 @@ def _start(
         raise ActivationError(failure, name=entry.name, log_path=log_path, log_tail=_tail(log_path, LOG_TAIL_LINES))
 
     start_to_ready_s = round(time.monotonic() - spawned_at, 3)
-    state = state.model_copy(update={"status": "ready", "ready_at": datetime.now(UTC)})
+    ready = {"status": "ready", "ready_at": datetime.now(UTC), "children": _descendants(proc.pid)}
+    state = state.model_copy(update=ready)
     _write_state(settings, state)
     log_event(
         settings,
@@ -872,6 +999,15 @@ def _start(
     )
     progress("ready", f"{entry.name!r} ready at {state.base_url} in {start_to_ready_s:.2f}s")
     return state
+
+
+def _descendants(pid: int) -> list[tuple[int, float]]:
+    """(pid, create time) of a process's descendants: proof they are ours even if they rewrite their environment
+    (``setproctitle`` does, and vLLM's workers use it)."""
+    try:
+        return [(child.pid, child.create_time()) for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _abort(settings: Settings, state: ActiveState, entry: ModelEntry, reason: str, stop_s: float) -> None:
@@ -912,9 +1048,8 @@ def _status(state: ActiveState, **fields: Any) -> ActiveStatus:
         started_at=state.started_at,
         ready_at=state.ready_at,
         log_path=state.log_path,
-        error=state.error,
         state=state,
-        **fields,
+        **{"error": state.error, **fields},
     )
 
 
@@ -932,14 +1067,19 @@ def is_serving(settings: Settings, name: str) -> bool:
 def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | None:
     """The active backend with liveness, health, uptime and GPU figures; None when nothing is recorded.
 
-    A stale state (pid gone, or reused by another process) is returned once with status ``stale`` and removed;
-    leftovers of a dead backend's own process group are stopped, a stranger is never signalled. A ``failed``
-    state is kept (it says why the last activation failed) until the next activation or stop.
+    Read-only towards processes: it never signals. When the recorded leader is gone, processes its launch left
+    running are reported (status ``failed``, ``leftover_pids``, the state kept for ``activate-model --stop``);
+    with nothing of ours left the state is returned once as ``stale`` and removed. A ``failed`` state is kept
+    (it says why the last activation failed) until the next activation or stop. An unreadable state file is a
+    BackendError (removed first when the port is free).
     """
     state, problem = _read_state_lenient(settings)
     if state is None:
         if problem is None:
             return None
+        error = _unreadable_state_error(settings, problem)
+        if error is not None:
+            raise error
         lock = _try_lock(settings)
         if lock is None:
             raise BackendError(f"{problem}; an activation is in progress, try again")
@@ -948,26 +1088,11 @@ def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | 
             log_event(settings, "stop", name=None, result="stale", stale_reason=problem)
         finally:
             lock.release()
-        raise BackendError(f"{problem}; it was removed (no process was signalled)")
+        raise BackendError(f"{problem}; it was removed (port {settings.vllm_port} is free; no process was signalled)")
 
     proc, why = _identify(state)
     if proc is None:
-        if state.status == "failed":
-            return _status(state, status="failed", alive=False, healthy=False)
-        lock = _try_lock(settings)
-        if lock is None:  # an activation is working on it right now: report, do not touch
-            return _status(state, status=state.status, alive=False, healthy=False, health_detail=why)
-        try:
-            latest, _ = _read_state_lenient(settings)
-            if latest != state:
-                return current(settings, check_health=check_health)
-            result = _stop_locked(settings, state, reason="stale state found by current-model")
-        finally:
-            lock.release()
-        leftovers = (
-            f"; stopped leftover pid(s) {', '.join(map(str, result.stopped_pids))}" if result.stopped_pids else ""
-        )
-        return _status(state, status="stale", alive=False, healthy=False, stale_reason=why + leftovers)
+        return _without_leader(settings, state, why, check_health)
 
     healthy, detail = None, ""
     if check_health:
@@ -992,4 +1117,48 @@ def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | 
         alive=True,
         uptime_s=round(max(0.0, time.time() - state.create_time), 1),
         **fields,
+    )
+
+
+def _without_leader(settings: Settings, state: ActiveState, why: str, check_health: bool) -> ActiveStatus:
+    """current() for a state whose leader is not (or no longer) our process. Finds, never signals."""
+    if state.status == "failed":
+        leftovers = sorted(p.pid for p in _processes_of(state))
+        error = state.error or ""
+        if leftovers:
+            error += f"; {_leftovers_note(leftovers)}"
+        return _status(state, status="failed", alive=False, healthy=False, leftover_pids=leftovers, error=error)
+    lock = _try_lock(settings)
+    if lock is None:  # an activation is working on it right now: report, do not touch
+        return _status(state, status=state.status, alive=False, healthy=False, health_detail=why)
+    try:
+        latest, _ = _read_state_lenient(settings)
+        if latest != state:
+            lock.release()
+            lock = None
+            return current(settings, check_health=check_health)
+        leftovers = sorted(p.pid for p in _processes_of(state))
+        if leftovers:
+            return _status(
+                state,
+                status="failed",
+                alive=False,
+                healthy=False,
+                health_detail=why,
+                leftover_pids=leftovers,
+                error=f"{why}; {_leftovers_note(leftovers)}",
+            )
+        _clear_state(settings)
+        reason = "stale state found by current-model"
+        _record_stop(settings, state, "stale", f"{reason}; {why}", reason=reason, stale_reason=why, stopped_pids=[])
+    finally:
+        if lock is not None:
+            lock.release()
+    return _status(state, status="stale", alive=False, healthy=False, stale_reason=why)
+
+
+def _leftovers_note(pids: list[int]) -> str:
+    return (
+        f"pid(s) {', '.join(map(str, pids))} of its launch are still running; stop them with "
+        "`imageworks-models activate-model --stop`"
     )

@@ -6,6 +6,7 @@ environment, and the fixture kills whatever still carries it afterwards (a faili
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -283,16 +284,23 @@ def test_backend_children_are_stopped_with_it(rt: Runtime) -> None:
     assert gone(state.pid) and gone(children[0].pid) and rt.processes() == []
 
 
-def test_orphans_of_a_dead_backend_are_cleaned_by_current_model(rt: Runtime, cli) -> None:
+def test_orphans_of_a_dead_backend_are_reported_by_current_model_and_stopped_by_stop(rt: Runtime, cli) -> None:
     rt.registry(demo_entry(A, "test/alpha", "--spawn-child"))
     state = runtime.activate(rt.settings, A)
     child = psutil.Process(state.pid).children()[0]
     os.kill(state.pid, signal.SIGKILL)  # the backend dies on its own; its worker is orphaned, still in the group
     psutil.wait_procs([psutil.Process(state.pid)], timeout=5)
     runtime._reap(state.pid)
+    # current-model is read-only: it names the leftover and keeps the state, it never signals.
     shown = cli("current-model")
     assert shown.code == 0
-    assert f"stale state for {A!r} (pid {state.pid})" in shown.out and f"leftover pid(s) {child.pid}" in shown.out
+    assert "status:    failed" in shown.out and f"pid(s) {child.pid} of its launch are still running" in shown.out
+    assert "activate-model --stop" in shown.out
+    assert runtime.current(rt.settings).leftover_pids == [child.pid]
+    assert not gone(child.pid) and rt.state_json() is not None
+    stopped = cli("activate-model", "--stop")
+    assert stopped.code == 0, stopped.err
+    assert f"stopped {A!r}" in stopped.out and f"pids: {child.pid}" in stopped.out
     assert gone(child.pid) and rt.state_json() is None and rt.processes() == []
 
 
@@ -323,7 +331,7 @@ def test_stale_state_naming_a_reused_pid_kills_nothing(rt: Runtime, cli) -> None
         assert stranger.poll() is None
         runtime.stop(rt.settings)
     finally:
-        stranger.kill()
+        end(stranger)
         stranger.wait()
 
 
@@ -332,6 +340,242 @@ def test_stop_on_unreadable_state_file_clears_it_without_signalling(rt: Runtime,
     rt.settings.active_state_path.write_text("{not json")
     assert runtime.stop(rt.settings) is None
     assert rt.state_json() is None
+
+
+# Process safety: only processes proven ours are ever signalled -------------------------------------------
+def write_fake_state(rt: Runtime, *, pid: int, create_time: float, pgid: int, **extra: Any) -> None:
+    fake = {
+        "name": A, "served_model_id": "test/alpha", "pid": pid, "create_time": create_time, "pgid": pgid,
+        "host": "127.0.0.1", "port": rt.port, "base_url": f"http://127.0.0.1:{rt.port}/v1", "argv": ["python"],
+        "started_at": "2026-01-01T00:00:00Z", "status": "ready", "log_path": "x.log", **extra,
+    }  # fmt: skip
+    rt.settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    rt.settings.active_state_path.write_text(json.dumps(fake))
+
+
+def end(proc: psutil.Process) -> None:
+    with contextlib.suppress(psutil.Error):
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def dead_pid() -> tuple[int, float]:
+    """(pid, create time) of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    created = psutil.Process(proc.pid).create_time()
+    proc.wait()
+    return proc.pid, created
+
+
+def strangers_group(leader_exits: bool) -> tuple[int, psutil.Process]:
+    """(process group number, a live member) of a group that is not ours. With ``leader_exits`` the group's
+    leader is gone and only its child remains (the shape a rebooted machine or a reused pid leaves)."""
+    code = (
+        "import subprocess, sys; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], stdout=subprocess.DEVNULL); "
+        "print(child.pid)"
+    )
+    if not leader_exits:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        return sleeper.pid, psutil.Process(sleeper.pid)
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    out, _ = leader.communicate(timeout=30)
+    member = psutil.Process(int(out))
+    assert os.getpgid(member.pid) == leader.pid and gone(leader.pid)
+    return leader.pid, member
+
+
+@pytest.mark.parametrize("shape", ["leader-exited", "pgid-of-a-live-stranger"])
+def test_dead_leader_with_a_strangers_group_signals_nothing(rt: Runtime, cli, shape: str) -> None:
+    group, stranger = strangers_group(leader_exits=shape == "leader-exited")
+    if shape == "leader-exited":
+        pid, created = group, time.time() - 1000.0  # the recorded pid is the dead leader of that group
+    else:
+        pid, created = dead_pid()
+    try:
+        fields = {"pid": pid, "create_time": created, "pgid": group, "launch_id": uuid.uuid4().hex}
+        write_fake_state(rt, **fields)
+        status = runtime.current(rt.settings)
+        assert stranger.is_running() and stranger.status() != psutil.STATUS_ZOMBIE
+        assert status is not None and status.status == "stale" and status.stale_reason
+        assert rt.state_json() is None
+
+        write_fake_state(rt, **fields)
+        result = runtime.stop(rt.settings)
+        assert result is not None and result.stale and result.stopped_pids == [] and result.signal is None
+        assert stranger.is_running() and stranger.status() != psutil.STATUS_ZOMBIE
+
+        write_fake_state(rt, **fields)
+        shown = cli("activate-model", "--stop")
+        assert shown.code == 0 and "no process was signalled" in shown.out
+        assert stranger.is_running() and stranger.status() != psutil.STATUS_ZOMBIE
+    finally:
+        end(stranger)
+
+
+def test_a_state_without_launch_id_and_a_dead_leader_signals_nothing(rt: Runtime) -> None:
+    group, stranger = strangers_group(leader_exits=True)
+    try:
+        write_fake_state(rt, pid=group, create_time=time.time() - 1000.0, pgid=group)  # a pre-marker state file
+        result = runtime.stop(rt.settings)
+        assert result is not None and result.stale and result.stopped_pids == []
+        assert stranger.is_running() and stranger.status() != psutil.STATUS_ZOMBIE
+    finally:
+        end(stranger)
+
+
+def test_recorded_pgid_other_than_the_pid_is_not_trusted(rt: Runtime, cli) -> None:
+    state = runtime.activate(rt.settings, A)
+    group, stranger = strangers_group(leader_exits=False)
+    try:
+        edited = {**rt.state_json(), "pgid": group}  # a hand edit (or a corrupted field) naming someone's group
+        rt.settings.active_state_path.write_text(json.dumps(edited))
+        status = runtime.current(rt.settings)
+        assert status is not None and status.status == "ready" and status.alive
+        result = runtime.stop(rt.settings)
+        assert result is not None and result.stopped_pids == [state.pid] and result.signal == "SIGTERM"
+        assert gone(state.pid) and rt.processes() == []
+        assert stranger.is_running() and stranger.status() != psutil.STATUS_ZOMBIE
+    finally:
+        end(stranger)
+
+
+def escaping_entry(sleeper_code: str) -> dict[str, Any]:
+    """A demo backend whose launch first starts ``sleeper_code`` by double fork into its own session (no longer
+    a descendant or group member of the backend), then execs the demo backend."""
+    escape = (
+        "import os, subprocess, sys; "
+        "subprocess.run([sys.executable, '-c', "
+        f"'import subprocess, sys; subprocess.Popen([sys.executable, \"-c\", \"{sleeper_code}\"], "
+        "start_new_session=True)'], check=True); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'imageworks_core.demo_backend', *sys.argv[1:]])"
+    )
+    entry = demo_entry(A, "test/alpha")
+    entry["backend_config"]["launch"] = ["{python}", "-c", escape, *demo_launch()[3:]]
+    return entry
+
+
+def escaped(rt: Runtime, state: runtime.ActiveState) -> psutil.Process:
+    others = [p for p in rt.processes() if p.pid != state.pid]
+    assert len(others) == 1
+    runaway = others[0]
+    assert runaway.pid not in {c.pid for c in psutil.Process(state.pid).children(recursive=True)}
+    assert os.getsid(runaway.pid) != state.pid and os.getpgid(runaway.pid) != state.pid
+    return runaway
+
+
+def test_a_child_that_escaped_the_group_is_stopped_by_the_launch_marker(rt: Runtime) -> None:
+    rt.registry(escaping_entry("import time; time.sleep(60)"))
+    state = runtime.activate(rt.settings, A)
+    runaway = escaped(rt, state)
+    marker = runaway.environ().get("IMAGEWORKS_LAUNCH_ID")
+    result = runtime.stop(rt.settings)
+    assert result is not None and sorted(result.stopped_pids) == sorted([state.pid, runaway.pid])
+    assert marker is not None and marker == state.launch_id
+    assert gone(state.pid) and gone(runaway.pid) and rt.processes() == []
+
+
+def test_stop_exits_6_naming_a_marked_process_that_survives(
+    rt: Runtime, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt.registry(escaping_entry("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"))
+    state = runtime.activate(rt.settings, A)
+    runaway = escaped(rt, state)
+    # We run as root here, so no process is truly beyond our signals: the kernel's EPERM is simulated for it.
+    real_send = runtime._send_signal
+
+    def refuse(proc: psutil.Process, sig: signal.Signals) -> None:
+        if proc.pid == runaway.pid:
+            raise psutil.AccessDenied(proc.pid)
+        real_send(proc, sig)
+
+    monkeypatch.setattr(runtime, "_send_signal", refuse)
+    monkeypatch.setattr(runtime, "KILL_WAIT_S", 0.3)
+    result = cli("activate-model", "--stop")
+    assert result.code == 6
+    assert f"could not stop {A!r}: pid(s) {runaway.pid} of its launch are still running after SIGKILL" in result.err
+    assert f"refused to signal pid(s) {runaway.pid}" in result.err
+    assert gone(state.pid) and not gone(runaway.pid)
+    assert rt.state_json() is not None  # kept, so a later stop retries
+    assert history.list_activations(rt.settings)[0]["result"] == "failed"
+
+    monkeypatch.setattr(runtime, "_send_signal", real_send)
+    again = cli("activate-model", "--stop")
+    assert again.code == 0, again.err
+    assert f"pids: {runaway.pid}" in again.out and "(SIGKILL)" in again.out
+    assert gone(runaway.pid) and rt.state_json() is None and rt.processes() == []
+
+
+CRASH_AFTER_SPAWN = """
+import os, subprocess, sys
+from imageworks_core import runtime
+from imageworks_core.settings import get_settings
+
+real_popen = subprocess.Popen
+
+
+class CrashAfterSpawn(real_popen):
+    # The activator dies (as under SIGKILL or a power cut of the CLI) the instant the backend exists.
+    def __init__(self, argv, *args, **kwargs):
+        super().__init__(argv, *args, **kwargs)
+        if "imageworks_core.demo_backend" in argv:
+            os._exit(9)
+
+
+subprocess.Popen = CrashAfterSpawn
+runtime.activate(get_settings(), sys.argv[1])
+"""
+
+
+def crash_after_spawn(rt: Runtime, name: str) -> psutil.Process:
+    """Activate ``name`` in a process that dies right after the spawn; returns the orphaned backend."""
+    crashed = subprocess.run([sys.executable, "-c", CRASH_AFTER_SPAWN, name], env=rt.cli_env(), timeout=60)
+    assert crashed.returncode == 9
+    orphans = rt.backends()
+    assert len(orphans) == 1
+    return orphans[0]
+
+
+def test_a_crash_between_spawn_and_state_write_leaves_an_orphan_the_next_activation_or_stop_stops(
+    rt: Runtime, cli
+) -> None:
+    orphan = crash_after_spawn(rt, A)
+    state = rt.state_json()
+    assert state is not None and state["status"] == "starting" and state["launch_id"]
+    shown = cli("current-model")  # read-only: reports the orphan, leaves it alone
+    assert shown.code == 0 and f"pid(s) {orphan.pid} of its launch are still running" in shown.out
+    assert not gone(orphan.pid)
+
+    activated = cli("activate-model", B)
+    assert activated.code == 0, activated.err
+    assert gone(orphan.pid) and rt.served_ids() == ["test/beta"]
+
+    orphan = crash_after_spawn(rt, A)
+    stopped = cli("activate-model", "--stop")
+    assert stopped.code == 0, stopped.err
+    assert f"stopped {A!r}" in stopped.out and str(orphan.pid) in stopped.out
+    assert gone(orphan.pid) and rt.state_json() is None and rt.processes() == []
+
+
+def test_corrupt_state_file_with_the_port_held_is_one_line_naming_file_holder_and_fix(rt: Runtime, cli) -> None:
+    state = runtime.activate(rt.settings, A)
+    path = rt.settings.active_state_path
+    path.write_text("{not json")
+    for args in (("activate-model", "--stop"), ("current-model",), ("activate-model", B)):
+        result = cli(*args)
+        assert result.code == 6, args
+        errors = [line for line in result.err.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and result.err.strip().endswith(errors[0]), result.err
+        assert errors[0].startswith(f"error: {path}: unreadable state file")
+        assert f"port {rt.port} on 127.0.0.1 is held by pid {state.pid}" in errors[0]
+        assert "nothing was signalled" in errors[0] and f"(`kill {state.pid}`), then delete {path}" in errors[0]
+        assert not gone(state.pid) and path.read_text() == "{not json"
+    # The operator's fix: stop the holder; the file then goes on the next stop.
+    os.kill(state.pid, signal.SIGTERM)
+    psutil.wait_procs([psutil.Process(state.pid)], timeout=10)
+    runtime._reap(state.pid)
+    assert cli("activate-model", "--stop").out.strip() == "no model active; nothing to stop"
+    assert not path.exists() and rt.processes() == []
 
 
 # Concurrency ---------------------------------------------------------------------------------------------
