@@ -7,7 +7,6 @@ HTTP statuses in one place (:data:`STATUS_FOR`), with a JSON body that says *why
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import shlex
@@ -16,12 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from . import history
+from .api_security import RequestGuard, check_bind
 from .errors import (
     BackendError,
     CapabilityError,
@@ -33,7 +33,15 @@ from .errors import (
     UsageError,
     WeightsError,
 )
-from .proxy import RETRY_AFTER_S, Proxy, SwitchCoordinator, SwitchInProgress, new_pool, response_headers
+from .proxy import (
+    RETRY_AFTER_S,
+    Proxy,
+    SwitchCoordinator,
+    SwitchInProgress,
+    check_request_body,
+    new_pool,
+    response_headers,
+)
 from .registry import filter_entries
 from .reload import RegistryService, RegistryWatcher
 from .schema import ModelEntry
@@ -53,7 +61,6 @@ STATUS_FOR: list[tuple[type[Exception], int]] = [
     (BackendError, 502),
     (ImageWorksError, 400),
 ]
-_READ_ONLY_POSTS = {"/v1/select"}
 ACTIVE_CHECK_TTL_S = 1.0
 
 
@@ -91,15 +98,6 @@ def error_body(exc: ImageWorksError) -> dict[str, Any]:
     return {"error": body}
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _latest(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     if not settings.history_db_path.exists():
         return {}, {}
@@ -132,7 +130,12 @@ def model_card(entry: ModelEntry, verification: dict[str, Any] | None, probe: di
 
 
 def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool = True) -> FastAPI:
-    """Build the API for one deployment root. ``bind_host`` decides the token policy for mutations."""
+    """Build the API for one deployment root.
+
+    ``bind_host`` decides the token policy (UsageError when it is not loopback-only and no token is set) and
+    the Host names answered to; see :mod:`imageworks_core.api_security` for the request guard.
+    """
+    check_bind(settings, bind_host)
     service = RegistryService(settings)
 
     # The proxy asks "is this model serving?" on every request: answer from a 1 s cache keyed by the state
@@ -177,39 +180,30 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     app.state.service = service
     app.state.coordinator = coordinator
 
-    async def authorize(request: Request) -> None:
-        token = settings.api_token
-        mutating = request.method not in ("GET", "HEAD", "OPTIONS") and request.url.path not in _READ_ONLY_POSTS
-        if not token:
-            if mutating and not _is_loopback(bind_host):
-                raise HTTPException(403, "mutating endpoints on a non-loopback bind need IMAGEWORKS_API_TOKEN set")
-            return
-        if request.headers.get("authorization") != f"Bearer {token}":
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
     @app.exception_handler(ImageWorksError)
     async def _imageworks_error(_request: Request, exc: ImageWorksError) -> JSONResponse:
         return error_response(exc)
 
-    deps = [Depends(authorize)]
-
-    @app.get("/healthz", dependencies=deps)
+    @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "registry_ok": service.status.ok, "entries": service.status.entries}
 
-    @app.get("/v1/models", dependencies=deps)
+    @app.get("/v1/models")
     async def models(include_testing: bool = False, profile: str | None = None) -> dict[str, Any]:
         registry = service.registry
         entries = filter_entries(
             registry, include_testing=include_testing, profile=profile if profile is not None else settings.profile
         )
         verifications, probes = await asyncio.to_thread(_latest, settings)
-        return {
+        listing: dict[str, Any] = {
             "object": "list",
             "data": [model_card(e, verifications.get(e.name), probes.get(e.name)) for e in entries],
         }
+        if not service.status.ok:
+            listing["registry"] = service.status.to_dict()  # served from the last good registry: say why
+        return listing
 
-    @app.post("/v1/select", dependencies=deps)
+    @app.post("/v1/select")
     async def select(request: SelectRequest) -> dict[str, Any]:
         if (request.name is None) == (request.role is None):
             raise UsageError("give exactly one of 'name' or 'role'")
@@ -240,16 +234,19 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         active = await asyncio.to_thread(is_active, entry.name) if entry.is_process_backend else True
         return {**selection.to_dict(), "active": active}
 
-    @app.post("/v1/verify", dependencies=deps)
+    @app.post("/v1/verify")
     async def verify(request: VerifyRequest) -> JSONResponse:
         from .verification import verify_entry
 
-        result = await asyncio.to_thread(verify_entry, settings, request.name, fast=request.fast)
+        result = await asyncio.to_thread(
+            verify_entry, settings, request.name, fast=request.fast, registry=service.registry
+        )
         data = result.to_dict()
         return JSONResponse(data, status_code=409 if result.result == "drift" else 200)
 
-    @app.post("/v1/probe/vision", dependencies=deps)
+    @app.post("/v1/probe/vision")
     async def probe_vision(request: Request) -> JSONResponse:
+        from .probe import MAX_IMAGE_BYTES
         from .probe import probe_vision as run_probe
 
         content_type = request.headers.get("content-type", "")
@@ -259,18 +256,22 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
             name = str(form.get("name") or "")
             upload = form.get("image")
             if upload is not None and hasattr(upload, "read"):
-                image_bytes, image_name = await upload.read(), getattr(upload, "filename", None) or "upload"
+                # One byte past the limit is enough for prepare_image to refuse it; never read more.
+                image_bytes = await upload.read(MAX_IMAGE_BYTES + 1)
+                image_name = getattr(upload, "filename", None) or "upload"
         else:
             try:
                 name = str((await request.json()).get("name") or "")
-            except (json.JSONDecodeError, AttributeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
                 raise UsageError('send JSON {"name": ...} or multipart form fields name (+ image)') from exc
         if not name:
             raise UsageError("'name' is required")
-        result = await asyncio.to_thread(run_probe, settings, name, image_bytes=image_bytes, image_name=image_name)
+        result = await asyncio.to_thread(
+            run_probe, settings, name, image_bytes=image_bytes, image_name=image_name, registry=service.registry
+        )
         return JSONResponse(result.to_dict())
 
-    @app.post("/v1/activate", dependencies=deps)
+    @app.post("/v1/activate")
     async def activate_endpoint(request: NameRequest) -> dict[str, Any]:
         entry = service.registry.get(request.name)
         if not entry.is_process_backend:
@@ -284,7 +285,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         state = await asyncio.to_thread(runtime.read_state, settings)
         return state.model_dump(mode="json") if state else {}
 
-    @app.post("/v1/deactivate", dependencies=deps)
+    @app.post("/v1/deactivate")
     async def deactivate() -> dict[str, Any]:
         from . import runtime
 
@@ -293,31 +294,29 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         result = await asyncio.to_thread(runtime.stop, settings, reason="api deactivate")
         return {"stopped": result is not None}
 
-    @app.get("/v1/active", dependencies=deps)
+    @app.get("/v1/active")
     async def active() -> dict[str, Any]:
         from . import runtime
 
         status = await asyncio.to_thread(runtime.current, settings)
         return {"active": status.model_dump(mode="json") if status else None, "switching_to": coordinator.switching_to}
 
-    @app.get("/v1/registry/status", dependencies=deps)
+    @app.get("/v1/registry/status")
     async def registry_status() -> dict[str, Any]:
         return service.status.to_dict()
 
-    @app.post("/v1/registry/reload", dependencies=deps)
+    @app.post("/v1/registry/reload")
     async def registry_reload() -> JSONResponse:
         status = await asyncio.to_thread(service.reload)
         return JSONResponse(status.to_dict(), status_code=200 if status.ok else 422)
 
     async def _forward(request: Request, path: str) -> Response:
-        await authorize(request)
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"request body is not JSON: {exc.msg}") from exc
-        if not isinstance(body, dict):
-            raise UsageError("request body must be a JSON object")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"request body is not JSON: {getattr(exc, 'msg', exc)}") from exc
+        check_request_body(path, body)
         proxy: Proxy = request.app.state.proxy
         entry, base_url = await proxy.route(service.registry, body)
         upstream = await proxy.send(entry, base_url, path, raw, body)
@@ -335,7 +334,9 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         return Response(content, status_code=upstream.status, headers=response_headers(upstream))
 
     # The proxy is the one hot path: a pure ASGI middleware serves it ahead of routing and dependency injection.
-    app.add_middleware(ProxyFastPath, forward=_forward)
+    app.add_middleware(ProxyFastPath, forward=_forward, service=service)
+    # Added last, so it runs first: nothing (proxy, docs, streaming) is reached without passing the guard.
+    app.add_middleware(RequestGuard, settings=settings, bind_host=bind_host)
     return app
 
 
@@ -349,14 +350,24 @@ def error_response(exc: ImageWorksError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
-class ProxyFastPath:
-    """ASGI middleware: ``POST`` to the proxy paths goes straight to the forwarder; all else to the app."""
+REGISTRY_ERROR_HEADER = (b"x-imageworks-registry-error", b"invalid; serving the last good registry, see /v1/registry/status")
 
-    def __init__(self, app: Any, forward: Any) -> None:
+
+class ProxyFastPath:
+    """ASGI middleware: ``POST`` to the proxy paths goes straight to the forwarder; all else to the app.
+
+    While the registry on disk is invalid, every response carries :data:`REGISTRY_ERROR_HEADER`: answers come
+    from the last good registry, and the header says so.
+    """
+
+    def __init__(self, app: Any, forward: Any, service: RegistryService) -> None:
         self.app = app
         self.forward = forward
+        self.service = service
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.service.status.ok:
+            send = _with_header(send, REGISTRY_ERROR_HEADER)
         path = PROXY_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
         if path is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
@@ -366,6 +377,13 @@ class ProxyFastPath:
             response = await self.forward(request, path)
         except ImageWorksError as exc:
             response = error_response(exc)
-        except HTTPException as exc:
-            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         await response(scope, receive, send)
+
+
+def _with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return sending

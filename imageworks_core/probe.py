@@ -21,8 +21,10 @@ import json
 import os
 import re
 import shlex
+import stat
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from . import audit, history
 from .errors import ProbeError, UsageError
-from .registry import load_registry
+from .registry import Registry, load_registry
 from .schema import ModelEntry
 from .selection import endpoint_for
 from .settings import Settings
@@ -56,7 +58,6 @@ CANONICAL_CONTENT: dict[str, tuple[str, ...]] = {
     "42": ("42", "forty-two", "forty two"),
 }
 """Known content of the canonical image: the word reported as matched, and the spellings that count for it."""
-_PILLOW_DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, used if someone set Image.MAX_IMAGE_PIXELS = None
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
@@ -160,29 +161,37 @@ def canonical_image_bytes() -> bytes:
     return buffer.getvalue()
 
 
-def _pixel_limit() -> int:
-    from PIL import Image
+_DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decode")
+"""One full-size decode at a time per process, always on the same thread: concurrent uploads wait instead of
+adding up, and the decoder's large blocks are reused from one malloc arena instead of one per request thread."""
+_STRIP_BYTES = 4 << 20
+"""Rows are shrunk a strip of about this many bytes at a time (the premultiplied copy Pillow makes is per strip)."""
+_TRANSPOSE_FOR_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                              6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+"""EXIF orientation -> the transpose that makes the image upright (as ``ImageOps.exif_transpose`` does)."""
 
-    return Image.MAX_IMAGE_PIXELS or _PILLOW_DEFAULT_MAX_PIXELS
 
-
-def prepare_image(data: bytes, name: str, target_long_edge: int) -> PreparedImage:
+def prepare_image(data: bytes, name: str, target_long_edge: int, *, max_pixels: int | None = None) -> PreparedImage:
     """Validate, orient, convert and resize an image; UsageError (one line, naming the problem) when bad.
 
     Pure: nothing is read from disk or sent. The file is judged by its content, never its extension.
+    Memory is bounded: the pixel count is checked from the header before any decoding (``max_pixels``, default
+    ``IMAGEWORKS_MAX_IMAGE_PIXELS``); one image is decoded at a time; JPEGs decode at reduced scale; and the
+    image is shrunk to the target before it is rotated or flattened, so only one full-size copy ever exists.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise UsageError(f"image {name}: empty file (0 bytes), not an image")
     if len(data) > MAX_IMAGE_BYTES:
         raise UsageError(f"image {name}: {len(data)} bytes is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit")
-    limit = _pixel_limit()
+    limit = max_pixels if max_pixels is not None else Settings.model_fields["max_image_pixels"].default
     fmt: str | None = None
     width = height = 0
+    orientation: Any = None
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between its limit and twice its limit; here any image over the limit is refused.
+            # Pillow only warns between its limit and twice its limit; here any image over our limit is refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:
                 fmt = probe.format
@@ -191,11 +200,7 @@ def prepare_image(data: bytes, name: str, target_long_edge: int) -> PreparedImag
                     raise Image.DecompressionBombError(f"{width}x{height}")
                 probe.verify()
             # verify() leaves the image unusable; decode fully from a fresh handle to catch truncation.
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                orientation = img.getexif().get(0x0112)
-                upright = ImageOps.exif_transpose(img)
-                rgb = _flatten_to_rgb(upright)
+            orientation, rgb = _DECODER.submit(_decode, data, fmt, target_long_edge).result()
     except UnidentifiedImageError:
         raise UsageError(
             f"image {name}: not an image Pillow can read (the content is no known image format, whatever the extension)"
@@ -209,17 +214,13 @@ def prepare_image(data: bytes, name: str, target_long_edge: int) -> PreparedImag
             else (f"{counted.group(1)} pixels" if counted else "the pixel count")
         )
         raise UsageError(
-            f"image {name}: {size} is over the limit of {limit} pixels (decompression-bomb guard)"
+            f"image {name}: {size} is over the limit of {limit} pixels "
+            "(decompression-bomb guard; IMAGEWORKS_MAX_IMAGE_PIXELS sets it)"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"image {name}: corrupt or truncated {fmt or 'image'} data ({detail})") from None
 
-    long_edge = max(rgb.size)
-    if long_edge > target_long_edge:
-        scale = target_long_edge / long_edge
-        fitted = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(fitted, Image.Resampling.LANCZOS)
     # Photos stay JPEG (small, no visible loss); everything else goes lossless so drawn text keeps its edges.
     out_format, mime = ("JPEG", "image/jpeg") if fmt == "JPEG" else ("PNG", "image/png")
     buffer = io.BytesIO()
@@ -239,30 +240,99 @@ def prepare_image(data: bytes, name: str, target_long_edge: int) -> PreparedImag
     return PreparedImage(info=info, data=encoded)
 
 
-def _flatten_to_rgb(img: Any) -> Any:
-    """RGB with transparency flattened onto white (how a viewer shows it), first frame of animations."""
+def _decode(data: bytes, fmt: str | None, target_long_edge: int) -> tuple[Any, Any]:
+    """(EXIF orientation, the fitted upright RGB image); runs on the decoder thread."""
     from PIL import Image
 
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    with Image.open(io.BytesIO(data)) as img:
+        if fmt == "JPEG":
+            img.draft("RGB", (target_long_edge, target_long_edge))  # the decoder itself scales by 1/2..1/8
+        img.load()
+        orientation = img.getexif().get(0x0112)
+        return orientation, _fit_upright_rgb(img, target_long_edge, orientation)
+
+
+def _box_reduce(img: Any, factor: int) -> Any:
+    """``img.reduce(factor)`` strip by strip (same pixels: strips are whole boxes tall), so the premultiplied
+    copy Pillow makes for transparent modes is a strip, never a second full-size image."""
+    from PIL import Image
+
+    rows = factor * max(1, _STRIP_BYTES // (img.width * 4 * factor))
+    out = Image.new(img.mode, (-(-img.width // factor), -(-img.height // factor)))
+    for top in range(0, img.height, rows):
+        out.paste(img.crop((0, top, img.width, min(img.height, top + rows))).reduce(factor), (0, top // factor))
+    return out
+
+
+def _fit_upright_rgb(img: Any, target_long_edge: int, orientation: Any) -> Any:
+    """First frame, fitted to the long edge, upright, as RGB with transparency flattened onto white.
+
+    Shrinking comes first (a box reduce to about twice the target, then Lanczos, as Pillow's ``reducing_gap``
+    does), so rotation and flattening work on the small image.
+    """
+    from PIL import Image
+
+    transparent = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    work = img.convert("RGBA" if transparent else "RGB") if img.mode not in ("RGBA", "RGB") else img
+    long_edge = max(work.size)
+    if long_edge > target_long_edge:
+        scale = target_long_edge / long_edge
+        fitted = (max(1, round(work.width * scale)), max(1, round(work.height * scale)))
+        factor = long_edge // (2 * target_long_edge)
+        if factor >= 2:
+            work = _box_reduce(work, factor)
+        work = work.resize(fitted, Image.Resampling.LANCZOS)
+    method = _TRANSPOSE_FOR_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    if method:
+        work = work.transpose(getattr(Image.Transpose, method))
+    if work.mode == "RGBA":
+        background = Image.new("RGBA", work.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, work).convert("RGB")
+    return work if work is not img else work.copy()
+
+
+def _describe_non_regular(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((label for test, label in kinds if test(mode)), "not a plain file")
 
 
 def _read_image_file(path: Path) -> bytes:
-    if not path.exists():
-        raise UsageError(f"image {path}: no such file")
-    if path.is_dir():
-        raise UsageError(f"image {path}: is a directory, not an image file")
+    """The file's bytes, refusing anything but a regular file; reads stop at the size limit, whatever st_size says.
+
+    Opened non-blocking, so a FIFO never waits for a writer; the type is checked on the open descriptor (no race
+    between the check and the read).
+    """
+    limit_mib = MAX_IMAGE_BYTES // (1024 * 1024)
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise UsageError(
-                f"image {path.name}: {size} bytes is over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB limit"
-            )
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UsageError(f"image {path}: no such file") from None
     except OSError as exc:
         raise UsageError(f"image {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"image {path}: is {_describe_non_regular(st.st_mode)}, not a regular file")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise UsageError(f"image {path.name}: {st.st_size} bytes is over the {limit_mib} MiB limit")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(1 << 20, MAX_IMAGE_BYTES + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_IMAGE_BYTES:
+                raise UsageError(f"image {path.name}: more than {MAX_IMAGE_BYTES} bytes is over the {limit_mib} MiB limit")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UsageError(f"image {path}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 # Grounding ---------------------------------------------------------------------------------------------------
@@ -412,6 +482,7 @@ def probe_vision(
     activate: bool = False,
     timeout_s: float | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    registry: Registry | None = None,
 ) -> ProbeResult:
     """Probe whether ``name`` really sees an image; the run is recorded in history (and audited when failed).
 
@@ -428,16 +499,17 @@ def probe_vision(
         raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
     if image_path is not None and image_bytes is not None:
         raise UsageError("give an image path or image bytes, not both")
-    entry = load_registry(settings=settings).get(name)
+    entry = (registry or load_registry(settings=settings)).get(name)
     target = entry.vision_target_long_edge or DEFAULT_TARGET_LONG_EDGE
+    pixels = settings.max_image_pixels
     canonical = image_path is None and image_bytes is None
     if image_path is not None:
         path = Path(image_path)
-        prepared = prepare_image(_read_image_file(path), path.name, target)
+        prepared = prepare_image(_read_image_file(path), path.name, target, max_pixels=pixels)
     elif image_bytes is not None:
-        prepared = prepare_image(image_bytes, image_name or "upload", target)
+        prepared = prepare_image(image_bytes, image_name or "upload", target, max_pixels=pixels)
     else:
-        prepared = prepare_image(canonical_image_bytes(), CANONICAL_IMAGE_NAME, target)
+        prepared = prepare_image(canonical_image_bytes(), CANONICAL_IMAGE_NAME, target, max_pixels=pixels)
 
     endpoint = _resolve_endpoint(settings, entry, activate)
     url = f"{endpoint}/chat/completions"

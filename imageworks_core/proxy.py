@@ -19,7 +19,7 @@ from typing import Any
 import httpcore
 
 from . import history
-from .errors import BackendError, CapabilityError, ImageWorksError
+from .errors import BackendError, CapabilityError, ImageWorksError, UsageError
 from .registry import Registry
 from .schema import ModelEntry
 from .selection import endpoint_for
@@ -37,6 +37,28 @@ class SwitchInProgress(BackendError):
     def __init__(self, target: str) -> None:
         super().__init__(f"switching the single port to {target!r}; retry in {RETRY_AFTER_S} s")
         self.target = target
+
+
+def check_request_body(path: str, body: Any) -> None:
+    """UsageError (400) for a body whose shape the proxy relies on is wrong; the backend judges the rest."""
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    if "stream" in body and not isinstance(body["stream"], bool | None):
+        raise UsageError(f"'stream' must be true or false, got {json.dumps(body['stream'])[:40]}")
+    if path == "chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise UsageError("'messages' must be a list of message objects")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise UsageError(f"messages[{i}] must be an object with 'role' and 'content'")
+            content = message.get("content")
+            if not isinstance(content, str | list | None):
+                raise UsageError(f"messages[{i}].content must be a string or a list of content parts")
+            if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
+                raise UsageError(f"messages[{i}].content parts must be objects")
+    elif path == "completions" and not isinstance(body.get("prompt"), str | list | None):
+        raise UsageError("'prompt' must be a string or a list")
 
 
 def carries_image(body: dict[str, Any]) -> bool:

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     model_root: Path | None = Field(default=None, validation_alias="IMAGEWORKS_MODEL_ROOT")
     dashboard_port: int = Field(default=8501, validation_alias="IMAGEWORKS_DASHBOARD_PORT")
     api_token: str | None = Field(default=None, validation_alias="IMAGEWORKS_API_TOKEN")
+    # API request guard (see api_security): extra Host names and browser Origins, and input size bounds.
+    allowed_hosts: str = Field(default="", validation_alias="IMAGEWORKS_ALLOWED_HOSTS")
+    allowed_origins: str = Field(default="", validation_alias="IMAGEWORKS_ALLOWED_ORIGINS")
+    max_body_mb: float = Field(default=32.0, gt=0, validation_alias="IMAGEWORKS_MAX_BODY_MB")
+    max_image_pixels: int = Field(default=40_000_000, gt=0, validation_alias="IMAGEWORKS_MAX_IMAGE_PIXELS")
     actor: str | None = Field(default=None, validation_alias="IMAGEWORKS_ACTOR")
     # Single-port runtime (names kept from the original chat proxy so existing deployments carry over).
     vllm_host: str = Field(default="127.0.0.1", validation_alias="CHAT_PROXY_VLLM_HOST")

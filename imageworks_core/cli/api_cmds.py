@@ -8,6 +8,9 @@ import typer
 
 from .app import RootOpt, app, settings_for
 
+MAX_CONNECTIONS = 128
+"""Concurrent connections uvicorn serves; beyond it, 503 (each holds at most 1 MiB unbudgeted body)."""
+
 
 @app.command("serve")
 def serve_cmd(
@@ -26,4 +29,7 @@ def serve_cmd(
     settings = settings_for(root)
     api = create_app(settings, bind_host=host, watch=watch)
     typer.echo(f"ImageWorks API on http://{host}:{port}  (root: {settings.root})", err=True)
-    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)
+    # Bounded connections: with the guard's body budget this caps what concurrent clients can make us hold.
+    uvicorn.run(
+        api, host=host, port=port, log_level="warning", access_log=False, limit_concurrency=MAX_CONNECTIONS
+    )
