@@ -454,11 +454,11 @@ def _hash_file(path: Path, size: int) -> _Digests:
 
 def _stat_key(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]  # ctime: an in-place edit cannot hide it
 
 
 def _load_verified(work: Path) -> dict[str, dict[str, Any]]:
-    """Digests of files this tool already verified, keyed by path, valid while (size, mtime_ns, inode) match."""
+    """Digests of files this tool already verified, keyed by path, valid while (size, mtime_ns, inode, ctime_ns) match."""
     try:
         data = json.loads((work / _VERIFIED_PATH).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def test_second_run_reuses_verified_files_without_fetching(hub: HubServer, repo:
     assert again.downloaded_bytes == 0
     assert all(repo.get_count(path) == 0 for path in repo.files)
     assert again.revision == "main" and read_marker(target).revision == "main"
+
+
+def test_in_place_tamper_with_restored_mtime_is_rehashed_not_reused(
+    hub: HubServer, repo: FakeRepo, tmp_path: Path
+) -> None:
+    target = target_of(tmp_path)
+    download_repo(REPO_ID, target, endpoint=hub.url)
+    weights = target / WEIGHTS
+    before = weights.stat()
+    with open(weights, "r+b") as handle:  # same size, bytes changed in place, mtime put back (touch -r)
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # The cache key's ctime changed: hashed again and found to differ (old code reused it as verified).
+    with pytest.raises(WeightsError, match=f"differ from {REPO_ID}.*{WEIGHTS}"):
+        download_repo(REPO_ID, target, endpoint=hub.url)
 
 
 def test_operator_files_that_match_are_reused(hub: HubServer, repo: FakeRepo, tmp_path: Path) -> None:
