@@ -591,7 +591,7 @@ def revision_rows(settings: Settings, name: str | None = None, limit: int = 100)
             "at": row["at"],
             "file": Path(row["file"]).name,
             "actor": row["actor"],
-            "command": row["command"],
+            "command": history.revision_label(row),
             "entries": ", ".join(row["names"]),
         }
         for row in history.list_revisions(settings, name, limit)
@@ -613,7 +613,7 @@ def revision_diff(settings: Settings, rev: int) -> RevisionDiff:
     row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
     if row is None:
         raise UsageError(f"no revision {rev} (see `imageworks-models history`)")
-    path = Path(row["file"])
+    path = history.revision_path(settings, row["file"])
     current = path.read_text(encoding="utf-8") if path.exists() else ""
 
     def diff(a: str, b: str, a_label: str, b_label: str) -> str:

@@ -197,6 +197,11 @@ def pending_changes(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     return changes
 
 
+def revision_label(row: dict[str, Any]) -> str:
+    """A revision's command as listed, marked when its change never reached the disk."""
+    return row["command"] + (" (not applied: interrupted)" if row.get("status") == "not_applied" else "")
+
+
 def has_revisions(settings: Settings, path: Path) -> bool:
     """Whether an applied revision of ``path`` (stored relative or absolute) exists."""
     with connect(settings) as conn:

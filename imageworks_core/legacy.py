@@ -60,9 +60,18 @@ import pydantic
 from filelock import Timeout
 from pydantic import BaseModel
 
-from . import audit, history
+from . import audit
 from .errors import RegistryError, UsageError, ValidationError
-from .registry import WRITE_LOCK_TIMEOUT_S, Registry, build_registry, lock_for, write_snapshot
+from .journal import FileChange, apply_change
+from .registry import (
+    WRITE_LOCK_TIMEOUT_S,
+    Registry,
+    build_registry,
+    lock_for,
+    read_current,
+    recover,
+    snapshot_text,
+)
 from .registry_file import atomic_write_text, render_new_file
 from .schema import CAPABILITY_NAMES, NAME_PATTERN, PROCESS_BACKENDS, BackendConfig, ModelEntry
 from .settings import Settings
@@ -1079,15 +1088,6 @@ def _entry_names(text: str | None) -> list[str] | None:
     return [str(e.get("name")) for e in data if isinstance(e, dict)] if data else []
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read: {exc}; nothing written") from exc
-
-
 def _protected(settings: Settings, before: dict[Path, str | None]) -> list[Path]:
     """Files an import would lose content from: layer files holding entries, else a legacy merged snapshot.
 
@@ -1108,17 +1108,19 @@ def _write_pair(
     force: bool,
     command: str,
 ) -> None:
-    """Write both layers under both file locks, keeping every replaced file's content as a revision.
+    """Write both layers under both file locks as one journaled change, keeping every replaced file's content.
 
-    Both layers are replaced in one locked step rather than through ``replace_layer_text`` one at a time: that
+    Both layers are replaced in one change rather than through ``replace_layer_text`` one at a time: that
     validates each new layer against the other's *current* content (possibly legacy, invalid here), so a pair
-    could fail half-written. The final pair was validated by the caller.
+    could fail half-written; and a crash between two separate writes would leave a mix of old and new files.
+    The final pair was validated by the caller. A legacy merged snapshot being replaced is part of the change.
     """
     actor = audit.current_actor(settings)
     snapshot = settings.snapshot_path
+    recover(settings)
     try:
-        with lock_for(settings.curated_path), lock_for(settings.discovered_path):
-            before = {path: _read_text(path) for path in (*texts, snapshot)}
+        with lock_for(settings.curated_path), lock_for(settings.discovered_path), lock_for(snapshot):
+            before = {path: read_current(path) for path in (*texts, snapshot)}
             protected = _protected(settings, before)
             if protected and not force:
                 raise UsageError(
@@ -1126,30 +1128,43 @@ def _write_pair(
                     "a registry; nothing written. Re-run with --force to replace it (the current content is kept "
                     "as a revision: `imageworks-models history`, `imageworks-models rollback REV`)"
                 )
-            written: dict[Path, list[str]] = {}
-            for path, new_text in texts.items():
-                old_text = before[path] or ""
-                names = sorted(set(_entry_names(old_text) or []) | set(_entry_names(new_text) or []))
-                if old_text != new_text:
-                    rev = history.record_revision(settings, str(path), old_text, new_text, actor, command, names)
-                    report.revisions[str(path)] = rev
-                atomic_write_text(path, new_text)
-                written[path] = names
-            write_snapshot(settings, registry)
-            if snapshot in protected:
-                new_snapshot = snapshot.read_text(encoding="utf-8")
-                names = sorted(set(_entry_names(before[snapshot]) or []) | set(_entry_names(new_snapshot) or []))
-                rev = history.record_revision(
-                    settings, str(snapshot), before[snapshot] or "", new_snapshot, actor, command, names
+            files = [
+                FileChange(
+                    path,
+                    before[path],
+                    text,
+                    sorted(set(_entry_names(before[path]) or []) | set(_entry_names(text) or [])),
                 )
-                report.revisions[str(snapshot)] = rev
+                for path, text in texts.items()
+            ]
+            if snapshot in protected:
+                new_snapshot = snapshot_text(registry)
+                names = sorted(set(_entry_names(before[snapshot]) or []) | set(_entry_names(new_snapshot) or []))
+                files.append(FileChange(snapshot, before[snapshot], new_snapshot, names))
+            events = [
+                ("registry_write", {"file": str(f.path), "command": command, "names": f.names})
+                for f in files
+                if f.path != snapshot and f.before != f.after
+            ]
+            applied = apply_change(
+                settings,
+                files,
+                command=command,
+                actor=actor,
+                events=events,
+                write_snapshot=None if snapshot in protected else lambda: _write_snapshot_locked(settings, registry),
+            )
+            report.revisions = {str(path): rev for path, rev in applied.revisions.items()}
             report.replaced = [str(p) for p in protected]
     except Timeout as exc:
         raise RegistryError(
             f"{settings.configs_dir}: another process holds a registry lock for over {WRITE_LOCK_TIMEOUT_S:.0f} s"
         ) from exc
-    for path, names in written.items():
-        audit.log_event(settings, "registry_write", file=str(path), command=command, names=names)
+
+
+def _write_snapshot_locked(settings: Settings, registry: Registry) -> None:
+    """The merged snapshot, written while this process already holds the snapshot's lock."""
+    atomic_write_text(settings.snapshot_path, snapshot_text(registry))
 
 
 def _relabel(problem: str, settings: Settings, source: str) -> str:

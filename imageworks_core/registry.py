@@ -4,10 +4,16 @@ Precedence: curated wins wherever it sets a value; an explicit ``null`` in curat
 objects merge key by key; lists are replaced whole; the discovered layer fills the rest. ``version_lock`` lives
 only in curated, so rebuilding the discovered overlay can never drop a lock.
 
-Loading never writes. ``load_registry()`` caches by the files' (mtime_ns, size, inode) and re-reads only when
-they change (or with ``force=True``). Every write through :func:`edit_layer` takes a file lock, validates the
-would-be merged registry, replaces the file atomically, keeps the previous text as a revision in the history
-DB, and regenerates the merged snapshot ``configs/model_registry.json`` in the same locked step.
+A layer file is valid when it parses to an array of entries (``[]`` is the empty registry). A blank or 0-byte
+file is invalid (a truncation, not a decision), and so is a curated file missing from a root whose history has
+revisions of it; a fresh root with neither loads as empty.
+
+``load_registry()`` caches by the files' (mtime_ns, size, inode) and re-reads only when they change (or with
+``force=True``). A cold load first runs :func:`recover`, which writes only to settle a crashed write; otherwise
+loading never writes. Every write goes through :func:`_write_layer` (or the importer's two-layer variant): under
+the layer's file lock it reads the current text, computes and validates the would-be merged registry, then
+applies one journaled change (:mod:`imageworks_core.journal`: history intent, atomic replace, snapshot, audit,
+commit).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import difflib
 import gc
 import json
 import os
+import shlex
 import sys
 import threading
 import types
@@ -28,18 +35,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from filelock import FileLock, Timeout
+from filelock import Timeout
 from pydantic import BaseModel, TypeAdapter
 
-from . import audit, history
+from . import audit, history, journal
 from .errors import RegistryError, UnknownModelError, ValidationError
-from .registry_file import RegistryText, atomic_write_text, parse_entries, read_registry_text, splice
+from .registry_file import (
+    WRITE_LOCK_TIMEOUT_S,
+    atomic_write_text,
+    lock_for,
+    parse_entries,
+    read_registry_text,
+    splice,
+)
 from .schema import ModelEntry
-from .settings import Settings, get_settings
+from .settings import Settings, get_settings, slugify
 
 Layer = Literal["curated", "discovered"]
 CURATED_ONLY_FIELDS: frozenset[str] = frozenset({"version_lock"})
-WRITE_LOCK_TIMEOUT_S = 30.0
+EMPTY_FILE_FIX = "an empty registry is `[]`"
 _ENTRIES_ADAPTER = TypeAdapter(list[ModelEntry])
 
 
@@ -52,6 +66,7 @@ class Registry:
     curated: dict[str, dict[str, Any]]
     discovered: dict[str, dict[str, Any]]
     stamp: tuple[Any, ...] = ()
+    warnings: list[str] = field(default_factory=list)
     _lookup: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,7 +203,9 @@ def _describe_error(
         return f"{where}: entry {name!r}: unknown key {path!r}{hint}"
     message = error["msg"].removeprefix("Value error, ")
     if loc == ("name",) and error["type"] == "string_pattern_mismatch":
-        message = f"invalid name {error['input']!r}: use no '/', whitespace or control characters (parentheses are fine)"
+        message = (
+            f"invalid name {error['input']!r}: use no '/', whitespace or control characters (parentheses are fine)"
+        )
     value = error.get("input")
     shown = ""
     if error["type"] != "missing" and not isinstance(value, dict | list):
@@ -229,7 +246,8 @@ def build_registry(
     discovered = _index_layer(settings.discovered_path, discovered_raw, "discovered", problems)
     names = list(curated) + [n for n in discovered if n not in curated]
     merged = [
-        merge_values(discovered.get(n, {}), curated[n]) if n in curated else merge_values(discovered[n], {}) for n in names
+        merge_values(discovered.get(n, {}), curated[n]) if n in curated else merge_values(discovered[n], {})
+        for n in names
     ]
     try:
         models = _ENTRIES_ADAPTER.validate_python(merged)
@@ -279,6 +297,24 @@ def _stamp(settings: Settings) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _blank_problem(path: Path) -> str:
+    return (
+        f"{path}: the file is empty; {EMPTY_FILE_FIX} (write `[]`, or restore it: "
+        "`imageworks-models history`, `imageworks-models rollback REV`)"
+    )
+
+
+def _missing_problem(path: Path) -> str:
+    return (
+        f"{path} is missing, but the history has revisions of it: restore it with `imageworks-models history` "
+        f"and `imageworks-models rollback REV` (or write `[]` if emptying the registry is intended)"
+    )
+
+
+def _missing_with_history(settings: Settings, path: Path) -> bool:
+    return not path.exists() and settings.history_db_path.exists() and history.has_revisions(settings, path)
+
+
 def _read_layer(path: Path, problems: list[str]) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -286,6 +322,9 @@ def _read_layer(path: Path, problems: list[str]) -> list[Any]:
         return []
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(f"{path}: cannot read: {exc}")
+        return []
+    if not text.strip():
+        problems.append(_blank_problem(path))
         return []
     try:
         return parse_entries(path, text)[0]
@@ -308,33 +347,97 @@ def _gc_paused() -> Iterator[None]:
 
 
 def load_registry(force: bool = False, settings: Settings | None = None, root: str | Path | None = None) -> Registry:
-    """The merged registry of a root (cached until either layer file changes). Never writes."""
+    """The merged registry of a root (cached until either layer file changes).
+
+    A cold load first settles a crashed write (:func:`recover`); on a clean root it writes nothing.
+    ``Registry.warnings`` lists what recovery did and every lock manifest that disagrees with its curated hash.
+    """
     settings = settings or get_settings(root)
     stamp = _stamp(settings)
     with _CACHE_LOCK:
         cached = _CACHE.get(settings.root)
         if cached is not None and not force and cached.stamp == stamp:
             return cached
+    report = recover(settings)
+    if report.settled:
+        stamp = _stamp(settings)
     problems: list[str] = []
     with _gc_paused():
         curated_raw = _read_layer(settings.curated_path, problems)
         discovered_raw = _read_layer(settings.discovered_path, problems)
+        if _missing_with_history(settings, settings.curated_path):
+            problems.append(_missing_problem(settings.curated_path))
         if problems:
             raise RegistryError(f"registry cannot be read: {len(problems)} problem(s)", problems)
         registry = build_registry(settings, curated_raw, discovered_raw, stamp)
+    registry.warnings = [*report.lines(), *lock_mismatches(registry)]
     with _CACHE_LOCK:
         _CACHE[settings.root] = registry
     return registry
 
 
+# Crash recovery and lock manifests --------------------------------------------------------------------------
+def _current_snapshot_text(settings: Settings) -> str | None:
+    """The merged snapshot of the layer files as they are now (None when they do not form a valid registry)."""
+    problems: list[str] = []
+    curated_raw = _read_layer(settings.curated_path, problems)
+    discovered_raw = _read_layer(settings.discovered_path, problems)
+    if problems:
+        return None
+    try:
+        return snapshot_text(build_registry(settings, curated_raw, discovered_raw))
+    except RegistryError:
+        return None
+
+
+def recover(settings: Settings) -> journal.RecoveryReport:
+    """Settle a crashed write of this root (see :mod:`imageworks_core.journal`); a no-op on a clean root.
+
+    Every cold :func:`load_registry` and every write runs it, so a process that starts after a crash (CLI, API,
+    dashboard) finds the root consistent without calling it itself.
+    """
+    return journal.recover(settings, lambda: _current_snapshot_text(settings))
+
+
+def lock_file_path(settings: Settings, entry: ModelEntry) -> Path:
+    """Where the entry's lock manifest lives (``configs/locks/<slug>.manifest.json`` unless the lock says)."""
+    lock = entry.version_lock
+    if lock and lock.manifest_path:
+        return settings.resolve_path(lock.manifest_path)
+    return settings.locks_dir / f"{slugify(entry.name)}.manifest.json"
+
+
+def lock_mismatches(registry: Registry) -> list[str]:
+    """Pinned entries whose lock manifest is missing, unreadable or holds another aggregate, each with its fix."""
+    out = []
+    for entry in registry:
+        lock = entry.version_lock
+        if lock is None or not lock.expected_aggregate_sha256:
+            continue
+        path = lock_file_path(registry.settings, entry)
+        try:
+            aggregate = json.loads(path.read_text(encoding="utf-8")).get("aggregate")
+        except FileNotFoundError:
+            aggregate, state = None, "is missing"
+        except (OSError, ValueError, AttributeError):
+            aggregate, state = None, "is unreadable"
+        else:
+            state = f"holds aggregate {str(aggregate)[:16]}…"
+        if aggregate == lock.expected_aggregate_sha256:
+            continue
+        quoted = shlex.quote(entry.name)
+        out.append(
+            f"{entry.name}: lock manifest {path} {state} but the curated expected hash is "
+            f"{lock.expected_aggregate_sha256[:16]}…: if the weights on disk are the intended ones, re-pin with "
+            f"`imageworks-models lock {quoted} --set-expected`; otherwise restore the matching curated revision "
+            f"(`imageworks-models history {quoted}`, `imageworks-models rollback REV`)"
+        )
+    return out
+
+
 # Writing ----------------------------------------------------------------------------------------------------
 def _layer_path(settings: Settings, layer: Layer) -> Path:
     return settings.curated_path if layer == "curated" else settings.discovered_path
-
-
-def lock_for(path: Path) -> FileLock:
-    """The inter-process lock every writer of ``path`` takes (``<file>.lock`` beside it)."""
-    return FileLock(str(path) + ".lock", timeout=WRITE_LOCK_TIMEOUT_S)
 
 
 def _changed_names(before: list[Any], after: list[Any]) -> list[str]:
@@ -343,22 +446,51 @@ def _changed_names(before: list[Any], after: list[Any]) -> list[str]:
     return sorted(str(n) for n in set(old) | set(new) if old.get(n) != new.get(n))
 
 
+def read_current(path: Path) -> str | None:
+    """A file's text for a write (None: missing); RegistryError when it exists but cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot read: {exc}; nothing written") from exc
+
+
+def _entries_or_empty(path: Path, text: str | None) -> list[Any]:
+    try:
+        return parse_entries(path, text or "")[0]
+    except RegistryError:
+        return []
+
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
 def _write_layer(
     settings: Settings,
     layer: Layer,
-    compute: Callable[[RegistryText], tuple[list[Any], str]],
+    compute: Callable[[str | None], tuple[list[Any], str]],
     *,
     command: str,
     actor: str | None,
+    events: Events | None = None,
+    extra_files: dict[Path, str] | None = None,
 ) -> Registry:
-    """The one write path: lock, compute new entries + text, validate the merge, keep a revision, replace."""
+    """The one write path of a layer: lock, read, compute new entries + text, validate the merge, apply one
+    journaled change (the layer, ``extra_files`` such as a lock manifest, the snapshot, audit lines).
+
+    ``compute`` gets the layer's current text (None: missing) read under the lock. ``events`` are the audit lines
+    of the change besides ``registry_write``; ``compute`` may append to the list (it runs first).
+    """
     path = _layer_path(settings, layer)
     actor = actor or audit.current_actor(settings)
+    events = events if events is not None else []
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(settings)
     try:
         with lock_for(path):
-            parsed = read_registry_text(path)
-            entries, new_text = compute(parsed)
+            before = read_current(path)
+            entries, new_text = compute(before)
             other_path = _layer_path(settings, "discovered" if layer == "curated" else "curated")
             problems: list[str] = []
             other = _read_layer(other_path, problems)
@@ -366,15 +498,21 @@ def _write_layer(
                 raise RegistryError(f"cannot write {path.name}: {other_path.name} is unreadable", problems)
             curated_raw, discovered_raw = (entries, other) if layer == "curated" else (other, entries)
             registry = build_registry(settings, curated_raw, discovered_raw)
-            names = _changed_names(parsed.entries, entries)
-            if new_text == parsed.text:
+            names = _changed_names(_entries_or_empty(path, before), entries)
+            files = [journal.FileChange(path, before, new_text, names)]
+            files += [journal.FileChange(p, read_current(p), text, names) for p, text in (extra_files or {}).items()]
+            if all(f.before == f.after for f in files):
                 return registry
-            history.record_revision(settings, str(path), parsed.text, new_text, actor, command, names)
-            atomic_write_text(path, new_text)
-            write_snapshot(settings, registry)
+            journal.apply_change(
+                settings,
+                files,
+                command=command,
+                actor=actor,
+                events=[("registry_write", {"file": str(path), "command": command, "names": names}), *events],
+                write_snapshot=lambda: write_snapshot(settings, registry),
+            )
     except Timeout as exc:
         raise RegistryError(f"{path}: another process holds its lock for over {WRITE_LOCK_TIMEOUT_S:.0f} s") from exc
-    audit.log_event(settings, "registry_write", file=str(path), command=command, names=names)
     return load_registry(force=True, settings=settings)
 
 
@@ -385,15 +523,26 @@ def edit_layer(
     *,
     command: str,
     actor: str | None = None,
+    events: Events | None = None,
+    extra_files: dict[Path, str] | None = None,
 ) -> Registry:
     """Read-modify-write one layer under its file lock; returns the new merged registry.
 
-    ``mutate`` gets a deep copy of the layer's entries and changes it in place (or returns a new list).
-    The merged result is validated before anything is written: invalid input raises ValidationError and
-    leaves every file untouched. Unchanged entries keep their exact bytes.
+    ``mutate`` gets a deep copy of the layer's entries *as read under the lock* and changes it in place (or
+    returns a new list); it may append audit lines to ``events``. A concurrent writer therefore never loses an
+    update: the second writer's ``mutate`` sees the first one's result. The merged result is validated before
+    anything is written: invalid input raises ValidationError and leaves every file untouched. Unchanged
+    entries keep their exact bytes. A blank layer file, or a curated file missing from a root with history, is
+    refused (RegistryError): restore it first rather than silently starting over.
     """
+    path = _layer_path(settings, layer)
 
-    def compute(parsed: RegistryText) -> tuple[list[Any], str]:
+    def compute(text: str | None) -> tuple[list[Any], str]:
+        if text is not None and not text.strip():
+            raise RegistryError(f"{_blank_problem(path)}; nothing written")
+        if text is None and layer == "curated" and _missing_with_history(settings, path):
+            raise RegistryError(f"{_missing_problem(path)}; nothing written")
+        parsed = read_registry_text(path, text or "")
         entries = copy.deepcopy(parsed.entries)
         result = mutate(entries)
         if result is not None:
@@ -402,26 +551,41 @@ def edit_layer(
             return entries, splice(parsed, entries)
         return entries, parsed.text
 
-    return _write_layer(settings, layer, compute, command=command, actor=actor)
+    return _write_layer(settings, layer, compute, command=command, actor=actor, events=events, extra_files=extra_files)
 
 
 def replace_layer_text(
-    settings: Settings, layer: Layer, text: str, *, command: str, actor: str | None = None
+    settings: Settings,
+    layer: Layer,
+    text: str,
+    *,
+    command: str,
+    actor: str | None = None,
+    events: Events | None = None,
 ) -> Registry:
-    """Replace a whole layer file with ``text`` verbatim (rollback, imports), validating the merge first."""
+    """Replace a whole layer file with ``text`` verbatim (rollback, imports), validating the merge first.
+
+    The current file may be broken (bad JSON, blank, missing): replacing it is how it gets repaired.
+    """
     path = _layer_path(settings, layer)
-    return _write_layer(
-        settings, layer, lambda _parsed: (parse_entries(path, text)[0], text), command=command, actor=actor
-    )
+    if not text.strip():
+        raise RegistryError(f"{_blank_problem(path)}; nothing written")
+    entries = parse_entries(path, text)[0]
+    return _write_layer(settings, layer, lambda _current: (entries, text), command=command, actor=actor, events=events)
+
+
+def snapshot_text(registry: Registry) -> str:
+    """The merged snapshot's text (what ``configs/model_registry.json`` holds)."""
+    data = [entry.model_dump(mode="json", exclude_defaults=True) for entry in registry]
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def write_snapshot(settings: Settings, registry: Registry | None = None) -> Path:
     """Regenerate ``configs/model_registry.json`` (the merged view, for jq and outside readers)."""
     registry = registry or load_registry(force=True, settings=settings)
-    data = [entry.model_dump(mode="json", exclude_defaults=True) for entry in registry]
     path = settings.snapshot_path
     with lock_for(path):
-        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path, snapshot_text(registry))
     return path
 
 
@@ -433,6 +597,7 @@ def update_entry(
     layer: Layer = "curated",
     command: str,
     create: bool = False,
+    events: Events | None = None,
 ) -> Registry:
     """Set top-level fields of one entry in a layer (a value of ``None`` writes an explicit null)."""
 
@@ -445,15 +610,19 @@ def update_entry(
             raise UnknownModelError(f"{name!r} is not in the {layer} file {_layer_path(settings, layer)}", name=name)
         entries.append({"name": name, **changes})
 
-    return edit_layer(settings, layer, mutate, command=command)
+    return edit_layer(settings, layer, mutate, command=command, events=events)
 
 
 def rollback(settings: Settings, rev: int, *, command: str | None = None) -> Registry:
-    """Restore a file to the content kept as revision ``rev`` (the rollback is itself a revision)."""
-    row = history.get_revision(settings, rev)
+    """Restore a file to the content kept as revision ``rev`` (the rollback is itself a revision).
+
+    Revisions name their file relative to the root, so this works after the root moved. Restoring the
+    content from before a file existed (or was blank) writes ``[]``, the empty registry.
+    """
+    row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
     if row is None:
         raise UnknownModelError(f"no revision {rev} (see `imageworks-models history`)")
-    path = Path(row["file"])
+    path = history.revision_path(settings, row["file"])
     layer: Layer
     if path == settings.curated_path:
         layer = "curated"
@@ -461,9 +630,14 @@ def rollback(settings: Settings, rev: int, *, command: str | None = None) -> Reg
         layer = "discovered"
     else:
         raise RegistryError(f"revision {rev} belongs to {path}, not to this root's registry ({settings.configs_dir})")
-    registry = replace_layer_text(settings, layer, row["before_text"], command=command or f"rollback {rev}")
-    audit.log_event(settings, "rollback", file=str(path), revision=rev)
-    return registry
+    text = row["before_text"] if row["before_text"].strip() else "[]\n"
+    return replace_layer_text(
+        settings,
+        layer,
+        text,
+        command=command or f"rollback {rev}",
+        events=[("rollback", {"file": str(path), "revision": rev})],
+    )
 
 
 def filter_entries(
@@ -519,6 +693,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return exc.exit_code
+    for warning in registry.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.write_snapshot:
         write_snapshot(settings, registry)
     print(f"registry valid: {len(registry)} entries ({settings.curated_path.name} + {settings.discovered_path.name})")

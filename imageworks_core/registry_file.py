@@ -3,7 +3,8 @@
 A registry file is a JSON array of entries, or ``{"$schema": ..., "models": [...]}``. Edits splice only the
 changed entries' text, so a lock toggle is a small reviewable diff and every other byte stays as it was.
 Writes go to a temp file in the same directory, are fsynced, then ``os.replace``d: a reader (or a writer
-killed at any instant) sees the old or the new file, never a torn one.
+killed at any instant) sees the old or the new file, never a torn one. A writer killed before the replace
+leaves its ``.<name>.<random>.tmp``; :func:`remove_stale_temps` (run by recovery, under the file locks) removes it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from .errors import RegistryError
 
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+WRITE_LOCK_TIMEOUT_S = 30.0
+
+# Crash-sweep hook: the named points of the write protocol, in order (see imageworks_core.journal).
+CRASH_POINTS = ("intent", "tmp", "replace", "snapshot", "audit", "commit")
+CRASH_EXIT_CODE = 137
+_CRASH_HITS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Test hook: with ``IMAGEWORKS_CRASH_AT=<name>[:<n>]`` the process exits at once (``os._exit``, no cleanup,
+    as a SIGKILL would) the n-th time (default first) it reaches ``name``. Unset, it costs one dict lookup."""
+    spec = os.environ.get("IMAGEWORKS_CRASH_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _CRASH_HITS[name] = _CRASH_HITS.get(name, 0) + 1
+    if _CRASH_HITS[name] == int(nth or 1):
+        os._exit(CRASH_EXIT_CODE)
+
+
+def lock_for(path: Path) -> FileLock:
+    """The inter-process lock every writer of ``path`` takes (``<file>.lock`` beside it)."""
+    return FileLock(str(path) + ".lock", timeout=WRITE_LOCK_TIMEOUT_S)
+
+
+def temp_files(directory: Path, suffix: str) -> list[Path]:
+    """Temp files :func:`atomic_write_text` leaves in ``directory`` for targets whose name ends with ``suffix``."""
+    if not directory.is_dir():
+        return []
+    return [
+        p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp") and suffix + "." in p.name
+    ]
 
 
 @dataclass
@@ -61,9 +98,10 @@ def parse_entries(path: Path, text: str) -> tuple[list[Any], bool]:
     raise RegistryError(f"{path}: expected a JSON array of entries or an object with a 'models' array")
 
 
-def read_registry_text(path: Path) -> RegistryText:
-    """Read and parse a registry file, locating each entry's span (a missing file reads as empty)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+def read_registry_text(path: Path, text: str | None = None) -> RegistryText:
+    """Parse a registry file (``text``, else read from ``path``; missing reads as empty), locating each entry."""
+    if text is None:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
     entries, object_form = parse_entries(path, text)
     parsed = RegistryText(path=path, text=text, entries=entries, object_form=object_form)
     if text.strip():
@@ -260,6 +298,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
+        crash_point("tmp")
         os.replace(tmp_name, path)
     except BaseException:
         try:

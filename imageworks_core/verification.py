@@ -6,6 +6,11 @@ pins the entry from a *full* read: the curated entry gets a small ``version_lock
 (per-file digests, ignore rules, small text files) goes to ``configs/locks/<slug>.manifest.json``, whose own
 aggregate must equal the curated one — a tampered manifest is itself drift. Every run is recorded in the
 history DB and the audit log; drift on a locked entry is logged as ``lock_violation``.
+
+Lock, re-pin and unlock are registry writes: each reads ``version_lock`` under the curated file's lock (a
+concurrent unlock, re-lock or re-pin is never overwritten with stale data) and is one journaled change with its
+``lock``/``unlock`` audit line; a re-pin writes the manifest and the curated hash in that same change, so a
+crash never leaves them out of step (see :mod:`imageworks_core.journal`).
 """
 
 from __future__ import annotations
@@ -31,8 +36,7 @@ from .hashing import (
     hash_directory,
 )
 from .history import now_iso
-from .registry import Registry, load_registry, update_entry
-from .registry_file import atomic_write_text
+from .registry import Registry, edit_layer, load_registry, lock_file_path
 from .schema import ModelEntry
 from .settings import Settings, slugify
 
@@ -105,14 +109,6 @@ def weights_dir(settings: Settings, entry: ModelEntry) -> Path:
     if not entry.download_path:
         raise WeightsError(f"{entry.name!r} has no download_path; set it in the curated file or download the weights")
     return settings.resolve_path(entry.download_path)
-
-
-def lock_file_path(settings: Settings, entry: ModelEntry) -> Path:
-    """Where the entry's lock manifest lives (``configs/locks/<slug>.manifest.json`` unless the lock says)."""
-    lock = entry.version_lock
-    if lock and lock.manifest_path:
-        return settings.resolve_path(lock.manifest_path)
-    return settings.locks_dir / f"{slugify(entry.name)}.manifest.json"
 
 
 def _load_cache(settings: Settings, directory: str, algorithm: str) -> dict[str, StatEntry]:
@@ -266,10 +262,21 @@ def _record(settings: Settings, verify: VerifyResult) -> None:
         )
 
 
-def _curated_lock(registry: Registry, entry: ModelEntry) -> dict[str, Any]:
-    """The entry's version_lock as written in the curated file (so untouched fields keep their exact text)."""
-    raw = registry.curated.get(entry.name, {}).get("version_lock")
-    return dict(raw) if isinstance(raw, dict) else {}
+def _curated_entry(entries: list[dict[str, Any]], name: str, *, create: bool) -> dict[str, Any] | None:
+    """The entry's raw curated object among ``entries`` (read under the lock); appended when ``create``."""
+    for raw in entries:
+        if isinstance(raw, dict) and raw.get("name") == name:
+            return raw
+    if not create:
+        return None
+    entries.append({"name": name})
+    return entries[-1]
+
+
+def _raw_lock(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of the version_lock as written in the curated file (untouched fields keep their exact text)."""
+    lock = raw.get("version_lock") if raw else None
+    return dict(lock) if isinstance(lock, dict) else {}
 
 
 def lock_entry(
@@ -285,19 +292,25 @@ def lock_entry(
     Without ``set_expected`` an entry that already has an expected hash only gets ``locked: true``.
     Returns the verification that pinned it (None for a plain toggle).
     """
-    registry = load_registry(settings=settings)
-    entry = registry.get(name)
-    lock = _curated_lock(registry, entry)
+    entry = load_registry(settings=settings).get(name)  # resolves an alias; the lock itself is read under the lock
+    actor = audit.current_actor(settings)
     if not set_expected:
-        if not lock.get("expected_aggregate_sha256"):
-            raise UsageError(
-                f"{entry.name!r} has no expected hash yet: run `imageworks-models lock {shlex.quote(entry.name)} --set-expected`"
+        events: list[tuple[str, dict[str, Any]]] = []
+
+        def toggle(entries: list[dict[str, Any]]) -> None:
+            raw = _curated_entry(entries, entry.name, create=False)
+            lock = _raw_lock(raw)
+            if raw is None or not lock.get("expected_aggregate_sha256"):
+                raise UsageError(
+                    f"{entry.name!r} has no expected hash yet: run `imageworks-models lock {shlex.quote(entry.name)} --set-expected`"
+                )
+            lock.update(locked=True, locked_at=now_iso(), locked_by=actor)
+            raw["version_lock"] = lock
+            events.append(
+                ("lock", {"name": entry.name, "expected": lock["expected_aggregate_sha256"], "set_expected": False})
             )
-        lock.update(locked=True, locked_at=now_iso(), locked_by=audit.current_actor(settings))
-        update_entry(settings, entry.name, {"version_lock": lock}, command=f"lock {entry.name}", create=True)
-        audit.log_event(
-            settings, "lock", name=entry.name, expected=lock["expected_aggregate_sha256"], set_expected=False
-        )
+
+        edit_layer(settings, "curated", toggle, command=f"lock {entry.name}", events=events)
         return None
     directory = weights_dir(settings, entry)
     result = hash_directory(
@@ -307,8 +320,6 @@ def lock_entry(
     _save_cache(settings, str(directory.resolve()), algorithm, result)
     path = settings.locks_dir / f"{slugify(entry.name)}.manifest.json"
     payload = {"name": entry.name, "locked_at": now_iso(), **manifest.model_dump(mode="json")}
-    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    actor = audit.current_actor(settings)
     new_lock = {
         "locked": True,
         "algorithm": algorithm,
@@ -317,8 +328,24 @@ def lock_entry(
         "locked_by": actor,
         "manifest_path": str(path.relative_to(settings.root)) if path.is_relative_to(settings.root) else str(path),
     }
-    update_entry(
-        settings, entry.name, {"version_lock": new_lock}, command=f"lock {entry.name} --set-expected", create=True
+
+    def pin(entries: list[dict[str, Any]]) -> None:
+        raw = _curated_entry(entries, entry.name, create=True)
+        assert raw is not None
+        raw["version_lock"] = new_lock
+
+    edit_layer(
+        settings,
+        "curated",
+        pin,
+        command=f"lock {entry.name} --set-expected",
+        events=[
+            (
+                "lock",
+                {"name": entry.name, "expected": manifest.aggregate, "set_expected": True, "lock_file": str(path)},
+            )
+        ],
+        extra_files={path: json.dumps(payload, indent=2, ensure_ascii=False) + "\n"},
     )
     verify = VerifyResult(
         name=entry.name,
@@ -336,9 +363,6 @@ def lock_entry(
         lock_file=str(path),
     )
     _record(settings, verify)
-    audit.log_event(
-        settings, "lock", name=entry.name, expected=manifest.aggregate, set_expected=True, lock_file=str(path)
-    )
     return verify
 
 
@@ -346,12 +370,21 @@ def unlock_entry(settings: Settings, name: str, *, reason: str) -> None:
     """Unlock (keeping the expected hash); a reason is mandatory and goes to the audit log."""
     if not reason or not reason.strip():
         raise UsageError('unlocking needs --reason "…" (the runbook asks for an incident report before unlocking)')
-    registry = load_registry(settings=settings)
-    entry = registry.get(name)
-    if not entry.locked or entry.version_lock is None:
-        raise UsageError(f"{entry.name!r} is not locked")
-    lock = _curated_lock(registry, entry)
+    entry = load_registry(settings=settings).get(name)  # resolves an alias; the lock itself is read under the lock
     actor = audit.current_actor(settings)
-    lock.update(locked=False, unlocked_at=now_iso(), unlocked_by=actor, unlock_reason=reason.strip())
-    update_entry(settings, entry.name, {"version_lock": lock}, command=f"unlock {entry.name}")
-    audit.log_event(settings, "unlock", name=entry.name, reason=reason.strip())
+
+    def unlock(entries: list[dict[str, Any]]) -> None:
+        raw = _curated_entry(entries, entry.name, create=False)
+        lock = _raw_lock(raw)
+        if raw is None or not lock.get("locked"):
+            raise UsageError(f"{entry.name!r} is not locked")
+        lock.update(locked=False, unlocked_at=now_iso(), unlocked_by=actor, unlock_reason=reason.strip())
+        raw["version_lock"] = lock
+
+    edit_layer(
+        settings,
+        "curated",
+        unlock,
+        command=f"unlock {entry.name}",
+        events=[("unlock", {"name": entry.name, "reason": reason.strip()})],
+    )

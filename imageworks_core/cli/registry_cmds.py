@@ -173,6 +173,8 @@ def validate_cmd(
     """Validate both registry layers and their merge (exit 0 valid, 3 invalid with every problem listed)."""
     settings = settings_for(root)
     registry = load_registry(force=True, settings=settings)
+    for warning in registry.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if write_snapshot_:
         path = write_snapshot(settings, registry)
         typer.echo(f"wrote {path}")
@@ -232,7 +234,10 @@ def history_cmd(
     if not rows:
         typer.echo("no revisions recorded yet")
         return
-    table = [(r["id"], r["at"], Path(r["file"]).name, r["actor"], r["command"], ",".join(r["names"])) for r in rows]
+    table = [
+        (r["id"], r["at"], Path(r["file"]).name, r["actor"], history.revision_label(r), ",".join(r["names"]))
+        for r in rows
+    ]
     typer.echo(format_table(("REV", "AT", "FILE", "ACTOR", "COMMAND", "ENTRIES"), table))
     typer.echo("\nrestore the content a revision kept: imageworks-models rollback REV")
 
@@ -245,9 +250,10 @@ def rollback_cmd(
 ) -> None:
     """Restore a registry file to the content kept as revision REV (recorded as a new revision)."""
     settings = settings_for(root)
-    row = history.get_revision(settings, rev)
-    if row and show_diff:
-        current = Path(row["file"]).read_text(encoding="utf-8") if Path(row["file"]).exists() else ""
+    row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
+    path = history.revision_path(settings, row["file"]) if row else None
+    if path and show_diff:
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
         diff = difflib.unified_diff(
             current.splitlines(keepends=True),
             row["before_text"].splitlines(keepends=True),
@@ -255,8 +261,10 @@ def rollback_cmd(
             f"revision {rev}",
         )
         typer.echo("".join(diff), nl=False)
-    rollback(settings, rev)
-    typer.echo(f"restored {row['file'] if row else ''} to revision {rev}")
+    registry = rollback(settings, rev)
+    typer.echo(f"restored {path or ''} to revision {rev}")
+    for warning in registry.warnings:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command("import-legacy")
