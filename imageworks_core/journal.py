@@ -34,6 +34,7 @@ from typing import Any
 from filelock import Timeout
 
 from . import audit, history
+from .errors import RegistryError
 from .registry_file import atomic_write_text, crash_point, lock_for, temp_files
 from .settings import Settings
 
@@ -114,6 +115,26 @@ def apply_change(
     history.settle_change(settings, change_id, "applied")
     crash_point("commit")
     return AppliedChange(change_id, revisions)
+
+
+def refuse_over_pending(settings: Settings, paths: list[Path]) -> None:
+    """Under the writer's locks: RegistryError when a crashed change still pending touches one of ``paths``.
+
+    Writing on top of it would make its recovery wrong (its files no longer hold its after text). Recovery
+    normally ran just before; it is skipped only while another writer holds a registry lock, so retrying works.
+    """
+    if not settings.history_db_path.exists():
+        return
+    stuck = {
+        history.revision_path(settings, row["file"])
+        for rows in history.pending_changes(settings).values()
+        for row in rows
+    } & set(paths)
+    if stuck:
+        raise RegistryError(
+            f"{', '.join(sorted(str(p) for p in stuck))}: an interrupted change awaits recovery while another writer "
+            "holds a registry lock; nothing written, retry (any load, e.g. `imageworks-models validate`, recovers it)"
+        )
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:

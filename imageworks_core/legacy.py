@@ -62,7 +62,7 @@ from pydantic import BaseModel
 
 from . import audit
 from .errors import RegistryError, UsageError, ValidationError
-from .journal import FileChange, apply_change
+from .journal import FileChange, apply_change, refuse_over_pending
 from .registry import (
     WRITE_LOCK_TIMEOUT_S,
     Registry,
@@ -1120,6 +1120,7 @@ def _write_pair(
     recover(settings)
     try:
         with lock_for(settings.curated_path), lock_for(settings.discovered_path), lock_for(snapshot):
+            refuse_over_pending(settings, [*texts, snapshot])
             before = {path: read_current(path) for path in (*texts, snapshot)}
             protected = _protected(settings, before)
             if protected and not force:

@@ -489,6 +489,7 @@ def _write_layer(
     recover(settings)
     try:
         with lock_for(path):
+            journal.refuse_over_pending(settings, [path, *(extra_files or {})])
             before = read_current(path)
             entries, new_text = compute(before)
             other_path = _layer_path(settings, "discovered" if layer == "curated" else "curated")

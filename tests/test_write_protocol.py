@@ -22,6 +22,7 @@ import pytest
 from imageworks_core import audit, history, registry
 from imageworks_core.errors import RegistryError
 from imageworks_core.registry import load_registry, rollback, update_entry
+from imageworks_core.registry_file import lock_for
 from imageworks_core.reload import RegistryService
 from imageworks_core.settings import Settings, get_settings
 from imageworks_core.verification import lock_entry, unlock_entry
@@ -121,6 +122,19 @@ def test_a_change_killed_after_its_file_was_replaced_is_committed_with_its_audit
     line = audit.read_events(root, "registry_write")[0]
     assert line["recovered"] is True and line["change"] == history.list_revisions(root)[0]["change_id"]
     assert json.loads(root.snapshot_path.read_text())[0]["notes"] == "x"  # the snapshot caught up
+
+
+def test_no_write_lands_on_top_of_a_crashed_change_before_it_is_recovered(root: Settings) -> None:
+    _killed_edit(root, "tmp")
+    live_writer = lock_for(root.discovered_path)  # another writer at work: recovery must wait for it
+    live_writer.acquire()
+    try:
+        with pytest.raises(RegistryError, match="awaits recovery"):
+            update_entry(root, DEMO, {"notes": "on top"}, command="edit")
+    finally:
+        live_writer.release()
+    update_entry(root, DEMO, {"notes": "on top"}, command="edit")
+    assert [r["status"] for r in history.list_revisions(root)] == ["applied", "not_applied"]
 
 
 # No lost update between lock, unlock and re-pin -------------------------------------------------------------
