@@ -161,7 +161,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     def activate(name: str) -> Any:
         from . import runtime
 
-        return runtime.activate(settings, name)
+        return runtime.activate(settings, name, registry=service.registry)
 
     coordinator = SwitchCoordinator(settings, activate, is_active)
 

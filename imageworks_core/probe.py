@@ -352,7 +352,7 @@ def activate_command(name: str) -> str:
     return f"imageworks-models activate-model {shlex.quote(name)}"
 
 
-def _resolve_endpoint(settings: Settings, entry: ModelEntry, activate: bool) -> str:
+def _resolve_endpoint(settings: Settings, entry: ModelEntry, activate: bool, registry: Registry | None = None) -> str:
     if entry.backend is None:
         raise ProbeError(f"{entry.name!r} has no backend configured; set backend and backend_config first")
     if not entry.is_process_backend:
@@ -360,7 +360,7 @@ def _resolve_endpoint(settings: Settings, entry: ModelEntry, activate: bool) -> 
     from . import runtime
 
     if activate:
-        state = runtime.activate(settings, entry.name)
+        state = runtime.activate(settings, entry.name, registry=registry)
         return state.base_url.rstrip("/")
     state = runtime.read_state(settings)
     if state is not None and state.name == entry.name and state.status == "ready":
@@ -511,7 +511,7 @@ def probe_vision(
     else:
         prepared = prepare_image(canonical_image_bytes(), CANONICAL_IMAGE_NAME, target, max_pixels=pixels)
 
-    endpoint = _resolve_endpoint(settings, entry, activate)
+    endpoint = _resolve_endpoint(settings, entry, activate, registry)
     url = f"{endpoint}/chat/completions"
     model = entry.effective_served_id
     image_payload = {

@@ -58,7 +58,7 @@ from . import gpu, history
 from .audit import current_actor, log_event
 from .errors import BackendError, ImageWorksError, LockViolationError
 from .launch import expand_launch
-from .registry import load_registry
+from .registry import Registry, load_registry
 from .registry_file import atomic_write_text
 from .schema import ModelEntry
 from .selection import endpoint_for, single_port_endpoint
@@ -753,14 +753,16 @@ def _backend_env(settings: Settings, entry: ModelEntry, launch_id: str) -> dict[
     return env
 
 
-def _check_lock(settings: Settings, entry: ModelEntry, force: bool, progress: _Progress) -> None:
+def _check_lock(
+    settings: Settings, entry: ModelEntry, force: bool, progress: _Progress, registry: Registry | None = None
+) -> None:
     """A locked entry must pass a fast verification; drift refuses (exit 2) unless forced (then audited)."""
     if not entry.locked:
         return
     progress("verify", "fast verification of the locked weights")
     from .verification import verify_entry  # imported here: verification imports the registry, not us
 
-    result = verify_entry(settings, entry.name, fast=True)
+    result = verify_entry(settings, entry.name, fast=True, registry=registry)
     outcome = str(getattr(result, "result", result))
     if outcome in ("ok", "unlocked"):
         return
@@ -819,8 +821,12 @@ def activate(
     timeout_s: float | None = None,
     force: bool = False,
     on_progress: ProgressCallback | None = None,
+    registry: Registry | None = None,
 ) -> ActiveState:
     """Make ``name`` the backend on the single port and return its ready state.
+
+    ``registry`` is the registry to take the entry from (a long-running server passes its last good one);
+    by default the files on disk are loaded.
 
     Preflight (process backend, launch argv, weights present, lock verification, GPU fit), then under the
     activation lock: stop the current backend, check the port is free, start, wait until ready. On failure the
@@ -830,7 +836,7 @@ def activate(
     """
     progress = _Progress(on_progress)
     progress("preflight", f"checking {name!r}")
-    entry = load_registry(settings=settings).get(name)
+    entry = (registry or load_registry(settings=settings)).get(name)
     if not entry.is_process_backend:
         where = endpoint_for(entry, settings) if entry.backend else "nowhere (no backend set)"
         raise BackendError(
@@ -842,7 +848,7 @@ def activate(
     except ImageWorksError as exc:
         _fail(settings, entry, f"preflight: {exc.message}")
         raise
-    _check_lock(settings, entry, force, progress)
+    _check_lock(settings, entry, force, progress, registry)
 
     start_timeout = _start_timeout(settings, entry, timeout_s)
     progress("lock", "waiting for the activation lock")

@@ -342,6 +342,11 @@ def test_an_invalid_registry_keeps_serving_every_route_from_the_last_good_one(ro
         assert DEMO in {m["id"] for m in models["data"]}
         assert models["registry"]["ok"] is False and any("invalid JSON" in e for e in models["registry"]["errors"])
         assert client.post("/v1/select", json={"name": DEMO}).status_code == 200
+        try:
+            activated = client.post("/v1/activate", json={"name": DEMO})
+            assert activated.status_code == 200 and activated.json()["status"] == "ready", activated.text
+        finally:
+            assert client.post("/v1/deactivate").json() == {"stopped": True}
 
 
 def test_503_only_when_there_never_was_a_good_registry(root: Settings) -> None:
