@@ -642,7 +642,7 @@ def test_locked_entry_refusal_uses_the_verifier_answer(rt: Runtime, monkeypatch:
     class Drift:
         result, aggregate, expected = "drift", "aa", "bb"
 
-    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, fast=False: Drift())
+    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, fast=False, registry=None: Drift())
     entry = demo_entry(A, "test/alpha", version_lock={"locked": True, "expected_aggregate_sha256": "bb" * 32})
     rt.registry(entry)
     with pytest.raises(LockViolationError) as caught:
