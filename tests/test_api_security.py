@@ -140,7 +140,14 @@ def test_json_routes_need_a_json_content_type(root: Settings) -> None:
 # 2. Bind and token policy ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["", "0.0.0.0", "::", "10.255.255.1", "no-such-host.invalid"])
 def test_serve_refuses_a_non_loopback_bind_without_a_token(cli, root: Settings, host: str, monkeypatch) -> None:
+    import uvicorn
+
     monkeypatch.delenv("IMAGEWORKS_API_TOKEN", raising=False)
+
+    def must_not_listen(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"serve started listening on {host!r} without a token")
+
+    monkeypatch.setattr(uvicorn, "run", must_not_listen)
     result = cli("serve", "--host", host, "--port", "1", "--no-watch")
     assert result.code == 64
     assert "IMAGEWORKS_API_TOKEN" in result.err
@@ -284,13 +291,13 @@ def test_image_reads_are_bounded_by_bytes_read_not_st_size(tmp_path: Path, monke
     monkeypatch.setattr(probe, "MAX_IMAGE_BYTES", 1024)
     with pytest.raises(UsageError, match="over the"):
         probe._read_image_file(image)
-    real_fstat = os.fstat
+    real_stat, real_fstat = os.stat, os.fstat
 
-    def lying_fstat(fd: int) -> os.stat_result:  # a file that grows after the size check (or lies about st_size)
-        st = real_fstat(fd)
+    def small(st: os.stat_result) -> os.stat_result:  # a file that grows after the size check, or lies about it
         return os.stat_result((st.st_mode, *tuple(st)[1:6], 10, *tuple(st)[7:10]))
 
-    monkeypatch.setattr(probe.os, "fstat", lying_fstat)
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: small(real_stat(path, *a, **k)))
+    monkeypatch.setattr(os, "fstat", lambda fd: small(real_fstat(fd)))
     with pytest.raises(UsageError, match="over the"):
         probe._read_image_file(image)
 
