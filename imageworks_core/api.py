@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from . import history
-from .api_security import RequestGuard, check_bind
+from .api_security import RequestGuard, check_bind, check_json_values
 from .errors import (
     BackendError,
     CapabilityError,
@@ -312,6 +312,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     async def _forward(request: Request, path: str) -> Response:
         raw = await request.body()
+        check_json_values(raw)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

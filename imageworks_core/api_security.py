@@ -13,9 +13,10 @@ Adversaries, and the answer to each (checked in this order, on every route: prox
   ``IMAGEWORKS_API_TOKEN`` as a bearer token (compared in constant time), and :func:`check_bind` refuses to
   build such an app without one.
 - **Oversized input**: a declared ``Content-Length`` over ``IMAGEWORKS_MAX_BODY_MB`` is refused before any
-  byte is read; an undeclared (chunked) body is counted as it arrives and refused once over. Bodies held at
-  once share a byte budget of twice the limit (larger requests wait for their turn), so concurrent uploads
-  cannot add up past it.
+  byte is read; an undeclared (chunked) body is counted as it arrives and refused once over. Bodies over
+  1 MiB held at once share a byte budget of one limit (larger requests wait for their turn), so concurrent
+  uploads cannot add up past it; routes that carry no images take at most 1 MiB; a JSON body may hold at most
+  :data:`MAX_JSON_VALUES` values, counted before it is parsed.
 
 Not defended here: a local user or process that can read the token or talk to loopback directly (root on the
 box owns it anyway), and TLS (put a TLS-terminating proxy in front for a non-loopback bind).
@@ -50,7 +51,23 @@ MULTIPART_PATHS = frozenset({"/v1/probe/vision"})
 BODYLESS_PATHS = frozenset({"/v1/deactivate", "/v1/registry/reload"})
 """Action routes that take no body: a POST without a content type is fine there."""
 _SMALL_BODY = 1 << 20
-"""Bodies up to this size skip the shared budget (the server's connection limit bounds their number)."""
+"""Bodies up to this size skip the shared budget (the server's connection limit bounds their number); it is
+also the limit for every route but :data:`LARGE_BODY_PATHS` (a selection or verify request is a few bytes)."""
+LARGE_BODY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/probe/vision"})
+"""Routes whose bodies may carry images, up to ``IMAGEWORKS_MAX_BODY_MB``."""
+MAX_JSON_VALUES = 1_000_000
+"""Most values a JSON body may hold: parsed, each costs ~60 bytes, so 32 MiB of ``["ab","ab",…]`` would
+otherwise become ~450 MiB of Python objects. A chat request with images has a few hundred."""
+
+
+def check_json_values(raw: bytes) -> None:
+    """UsageError when ``raw`` could hold more than :data:`MAX_JSON_VALUES` values (counted before parsing).
+
+    Every value but the first follows a ``,`` or opens with ``[``/``{``; commas inside strings only overcount.
+    """
+    count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if count > MAX_JSON_VALUES:
+        raise UsageError(f"request body holds up to {count} JSON values; the limit is {MAX_JSON_VALUES}")
 
 
 def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -170,7 +187,7 @@ class RequestGuard:
         self.hosts = HostPolicy(settings, bind_host)
         self.origins = set(_split_list(settings.allowed_origins))
         self.max_body = int(settings.max_body_mb * (1 << 20))
-        self.budget = _ByteBudget(2 * self.max_body)
+        self.budget = _ByteBudget(self.max_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,13 +202,14 @@ class RequestGuard:
         if declared is None and "transfer-encoding" not in headers:
             await self.app(scope, receive, send)
             return
-        reserve = self.max_body if declared is None else int(declared)
+        limit = self._limit(scope["path"])
+        reserve = limit if declared is None else int(declared)
         if reserve <= _SMALL_BODY:
-            await self._bounded(scope, receive, send)
+            await self._bounded(scope, receive, send, limit)
             return
         await self.budget.acquire(reserve)
         try:
-            await self._bounded(scope, receive, send)
+            await self._bounded(scope, receive, send, limit)
         finally:
             await self.budget.release(reserve)
 
@@ -228,8 +246,9 @@ class RequestGuard:
         if declared is not None:
             if not declared.isdigit():
                 return refusal(400, "body_size", f"Content-Length {declared!r} is not a byte count")
-            if int(declared) > self.max_body:
-                return self._too_large(int(declared))
+            limit = self._limit(scope["path"])
+            if int(declared) > limit:
+                return self._too_large(int(declared), limit)
         return None
 
     def _token_ok(self, authorization: str) -> bool:
@@ -248,15 +267,19 @@ class RequestGuard:
         shown = media or "none"
         return refusal(415, "content_type", f"{path} takes Content-Type: application/json (got {shown})")
 
-    def _too_large(self, size: int | None) -> dict[str, Any]:
+    def _limit(self, path: str) -> int:
+        return self.max_body if path in LARGE_BODY_PATHS else min(self.max_body, _SMALL_BODY)
+
+    def _too_large(self, size: int | None, limit: int) -> dict[str, Any]:
         got = f"{size} bytes" if size is not None else "the body"
         return refusal(
             413,
             "body_size",
-            f"{got} is over the request body limit of {self.max_body} bytes (IMAGEWORKS_MAX_BODY_MB)",
+            f"{got} is over this route's request body limit of {limit} bytes"
+            + (" (IMAGEWORKS_MAX_BODY_MB)" if limit == self.max_body else ""),
         )
 
-    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """Run the app with a receive that stops at the body limit and answers 413 itself.
 
         Once over the limit the app is told the client went away (``http.disconnect``) and whatever it tries to
@@ -272,11 +295,11 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > limit:
                     refused = True
                     if not started:
                         started = True
-                        await _send_refusal(send, self._too_large(None))
+                        await _send_refusal(send, self._too_large(None, limit))
                     return {"type": "http.disconnect"}
             return message
 

@@ -191,6 +191,17 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(root: Settings) -> None:
         assert chunked.status_code == 413
 
 
+def test_control_routes_take_small_bodies_and_json_values_are_counted_before_parsing(root: Settings) -> None:
+    with _client(root) as client:
+        padded = json.dumps({"name": DEMO, "pad": "x" * (2 << 20)})
+        response = client.post("/v1/select", content=padded, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and "1048576 bytes" in response.json()["error"]["message"]
+        # 8 MiB of tiny values would parse into ~110 MiB of objects: refused before json.loads runs.
+        many = b'{"model": "x", "messages": [], "pad": [' + b",".join([b'"ab"'] * 1_600_000) + b"]}"
+        counted = client.post("/v1/chat/completions", content=many, headers={"Content-Type": "application/json"})
+        assert counted.status_code == 400 and "JSON values" in counted.json()["error"]["message"]
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares ``width``x``height`` but carries a tiny (truncated) image stream."""
 
@@ -318,8 +329,17 @@ def test_peak_rss_stays_bounded_under_hostile_uploads(root: Settings) -> None:
             files = {"image": ("i.png", data)}
             return httpx.post(f"{base}/v1/probe/vision", data={"name": DEMO}, files=files, timeout=120).status_code
 
-        with ThreadPoolExecutor(8) as pool:
+        # The costliest JSON the limits let through: ~1M short strings in ~32 MiB, parsed by the proxy.
+        dense = b'{"model": "x", "messages": [], "pad": [' + b",".join([b'"' + b"a" * 28 + b'"'] * 999_000) + b"]}"
+
+        def chat(_: int) -> int:
+            headers = {"Content-Type": "application/json"}
+            return httpx.post(f"{base}/v1/chat/completions", content=dense, headers=headers, timeout=120).status_code
+
+        with ThreadPoolExecutor(12) as pool:
+            dense_statuses = pool.map(chat, range(3))
             statuses = list(pool.map(upload, [near_limit] * 4 + [bomb] * 4))
+            assert list(dense_statuses) == [404] * 3  # parsed, then: no model "x"
             huge = httpx.post(
                 f"{base}/v1/chat/completions",
                 content=b'{"model": "x", "pad": "' + b"a" * (300 << 20) + b'"}',
