@@ -23,11 +23,13 @@ import httpx
 import pandas as pd
 
 from . import audit, history
-from .errors import ImageWorksError, RegistryError, UsageError, ValidationError
+from .errors import ImageWorksError, RegistryError, UnknownRevisionError, UsageError, ValidationError
+from .launch import preview_launch
 from .registry import Registry, build_registry, load_registry, update_entry
 from .registry_file import parse_entries, read_registry_text, splice
 from .schema import CAPABILITY_NAMES, KNOWN_ROLES, PROCESS_BACKENDS, Capabilities, ModelEntry
 from .selection import endpoint_for
+from .service import EntryStatus, ImageWorks
 from .settings import Settings
 from .units import format_bytes
 
@@ -71,63 +73,26 @@ class RegistryView:
         return self.error is not None and self.registry is not None
 
 
-_LAST_GOOD: dict[Path, tuple[Registry, float]] = {}
-_LAST_GOOD_LOCK = threading.Lock()
+_SERVICES: dict[str, ImageWorks] = {}
+_SERVICES_LOCK = threading.Lock()
+
+
+def service_for(settings: Settings) -> ImageWorks:
+    """The one service object of this process for these settings (every session of the dashboard shares it)."""
+    key = settings.model_dump_json()
+    with _SERVICES_LOCK:
+        service = _SERVICES.get(key)
+        if service is None:
+            service = _SERVICES[key] = ImageWorks(settings)
+    return service
 
 
 def load_registry_view(settings: Settings, *, force: bool = False) -> RegistryView:
-    """Load the registry; when the files are invalid, keep the last good registry of this root with the error."""
-    try:
-        registry = load_registry(force=force, settings=settings)
-    except RegistryError as exc:
-        with _LAST_GOOD_LOCK:
-            last = _LAST_GOOD.get(settings.root)
-        if last is None:
-            return RegistryView(None, exc)
-        return RegistryView(last[0], exc, last[1])
-    with _LAST_GOOD_LOCK:
-        last = _LAST_GOOD.get(settings.root)
-        if last is None or last[0] is not registry:
-            last = (registry, time.time())
-            _LAST_GOOD[settings.root] = last
-    return RegistryView(registry, None, last[1])
-
-
-# The registry table ---------------------------------------------------------------------------------------
-def history_maps(settings: Settings) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Latest verification and latest probe of every entry (empty without a history DB: reading never writes)."""
-    if not settings.history_db_path.exists():
-        return {}, {}
-    return history.latest_verifications(settings), history.latest_probes(settings)
-
-
-def lock_state(entry: ModelEntry) -> str:
-    """'locked', 'pinned' (expected hash kept, lock off) or 'unlocked'."""
-    if entry.version_lock is None or not entry.version_lock.expected_aggregate_sha256:
-        return "unlocked"
-    return "locked" if entry.version_lock.locked else "pinned"
-
-
-def weights_state(registry: Registry, entry: ModelEntry) -> str:
-    """'present', 'missing' or 'n/a' (remote / ollama entries have no download_path)."""
-    if not entry.download_path:
-        return "n/a"
-    return "present" if registry.weights_present(entry.name) else "missing"
-
-
-def entry_badges(
-    registry: Registry, entry: ModelEntry, verification: dict[str, Any] | None, weights: str | None = None
-) -> list[str]:
-    """Status badges: 'drift' (locked entry whose last verification drifted), 'missing' (download_path absent).
-
-    ``weights`` is :func:`weights_state` when the caller already has it (one stat per entry per render).
-    """
-    badges = []
-    if entry.locked and verification is not None and verification.get("result") == "drift":
-        badges.append("drift")
-    if (weights or weights_state(registry, entry)) == "missing":
-        badges.append("missing")
-    return badges
+    """The service's registry (the last good one when the files are invalid) with the error beside it."""
+    service = service_for(settings)
+    status = service.reload() if force else service.refresh()
+    loaded_at = datetime.fromisoformat(status.loaded_at).timestamp() if status.loaded_at else 0.0
+    return RegistryView(service.registry if service.has_registry else None, service.registry_error, loaded_at)
 
 
 def badge_markdown(badges: Iterable[str]) -> str:
@@ -219,18 +184,16 @@ REGISTRY_COLUMNS: tuple[str, ...] = (
 def registry_frame(
     registry: Registry,
     entries: Iterable[ModelEntry],
-    verifications: dict[str, dict[str, Any]],
-    probes: dict[str, dict[str, Any]],
+    statuses: dict[str, EntryStatus],
     now: datetime | None = None,
 ) -> pd.DataFrame:
     """One row per entry with the columns of :data:`REGISTRY_COLUMNS` (the Registry page's table)."""
     now = now or datetime.now(UTC)
     rows = []
     for entry in entries:
-        verification = verifications.get(entry.name)
-        weights = weights_state(registry, entry)
+        status = statuses[entry.name]
         flags = [flag for flag, on in (("testing", entry.testing), ("deprecated", entry.deprecated)) if on]
-        badges = entry_badges(registry, entry, verification, weights)
+        badges = status.badges
         rows.append(
             {
                 "name": entry.name,
@@ -242,10 +205,10 @@ def registry_frame(
                 "format": entry.download_format or "",
                 "quantization": entry.quantization or "",
                 "size_gib": None if entry.download_size_bytes is None else round(entry.download_size_bytes / 2**30, 2),
-                "weights": weights,
-                "lock": lock_state(entry),
-                "last_verification": verification_text(verification, now),
-                "last_probe": probe_text(probes.get(entry.name), now),
+                "weights": status.weights,
+                "lock": status.lock,
+                "last_verification": verification_text(status.last_verification, now),
+                "last_probe": probe_text(status.last_probe, now),
                 "layer": registry.layer_of(entry.name),
                 "flags": ", ".join(flags),
             }
@@ -278,11 +241,7 @@ def field_rows(registry: Registry, name: str) -> list[dict[str, str]]:
 
 def launch_argv(entry: ModelEntry, settings: Settings) -> list[str] | None:
     """The exact argv activation would run (None for remote / ollama entries)."""
-    if not entry.is_process_backend:
-        return None
-    from .cli.registry_cmds import launch_preview
-
-    return launch_preview(entry, settings)
+    return preview_launch(entry, settings)
 
 
 def entry_history(settings: Settings, name: str, limit: int = 20) -> dict[str, pd.DataFrame]:
@@ -609,10 +568,10 @@ class RevisionDiff:
 
 
 def revision_diff(settings: Settings, rev: int) -> RevisionDiff:
-    """Both diffs of revision ``rev``; UsageError when there is no such revision."""
+    """Both diffs of revision ``rev``; UnknownRevisionError when there is no such revision."""
     row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
     if row is None:
-        raise UsageError(f"no revision {rev} (see `imageworks-models history`)")
+        raise UnknownRevisionError(rev)
     path = history.revision_path(settings, row["file"])
     current = path.read_text(encoding="utf-8") if path.exists() else ""
 

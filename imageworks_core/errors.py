@@ -95,7 +95,11 @@ class HashDriftError(ImageWorksError):
 
 
 class LockViolationError(HashDriftError):
-    """An operation was refused because a locked entry drifted."""
+    """An operation was refused because a locked entry drifted; ``reason`` is ``locked_drift``."""
+
+    def __init__(self, message: str, report: object | None = None, reason: str = "locked_drift") -> None:
+        super().__init__(message, report)
+        self.reason = reason
 
 
 class BackendError(ImageWorksError):

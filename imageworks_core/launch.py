@@ -45,3 +45,16 @@ def expand_launch(entry: ModelEntry, settings: Settings, *, require_weights: boo
             argv += ["--gpu-memory-utilization", str(settings.vllm_gpu_memory_utilization)]
         argv += shlex.split(settings.vllm_extra_args)
     return argv
+
+
+def preview_launch(entry: ModelEntry, settings: Settings) -> list[str] | None:
+    """The argv activation would run, for display (``show``, the dashboard); None for remote / ollama entries.
+
+    A template that cannot be expanded yet is shown as written: activation reports the real error.
+    """
+    if not entry.is_process_backend:
+        return None
+    try:
+        return expand_launch(entry, settings)
+    except (RegistryError, WeightsError):
+        return entry.launch_template()

@@ -18,6 +18,7 @@ from imageworks_core.hashing import DriftReport
 from imageworks_core.registry import Registry, filter_entries, rollback
 from imageworks_core.schema import CAPABILITY_NAMES, KNOWN_ROLES, Backend, ModelEntry
 from imageworks_core.selection import endpoint_for
+from imageworks_core.service import EntryStatus
 from imageworks_core.settings import Settings
 from imageworks_core.units import format_bytes
 from imageworks_core.verification import lock_entry, unlock_entry, verify_entry
@@ -148,12 +149,12 @@ def _unlock(settings: Settings, name: str, reason_key: str) -> None:
     st.session_state[f"outcome:lock:{name}"] = ("success", f"Unlocked {name}; reason recorded: “{reason}”")
 
 
-def lock_section(settings: Settings, entry: ModelEntry) -> None:
+def lock_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> None:
     """The **Lock version** toggle: locking runs a fresh full verification; unlocking asks for a reason."""
     name = entry.name
     locked = entry.locked
     lock = entry.version_lock
-    state = dd.lock_state(entry)
+    state = status.lock
     if state == "locked" and lock is not None:
         st.markdown(
             f":material/lock: **Locked** · `{lock.algorithm}` `{lock.expected_aggregate_sha256}`  \n"
@@ -281,9 +282,9 @@ def edit_metadata_section(settings: Settings, registry: Registry, entry: ModelEn
 
 
 # Entry detail -------------------------------------------------------------------------------------------------
-def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, verification: dict | None) -> None:
+def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, status: EntryStatus) -> None:
     name = entry.name
-    badges = dd.entry_badges(registry, entry, verification)
+    badges = status.badges
     st.subheader(f"{entry.display_name or name}")
     st.markdown(" ".join([f"`{name}`", f"· layer **{registry.layer_of(name)}**", dd.badge_markdown(badges)]))
     if "drift" in badges:
@@ -317,7 +318,7 @@ def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, veri
     with right:
         verify_section(settings, entry)
         st.divider()
-        lock_section(settings, entry)
+        lock_section(settings, entry, status)
         st.divider()
         with st.expander("Edit metadata"):
             edit_metadata_section(settings, registry, entry)
@@ -502,9 +503,9 @@ def entries_section(settings: Settings, registry: Registry) -> None:
         include_testing=include_hidden,
         search=search or None,
     )
-    verifications, probes = dd.history_maps(settings)
-    frame = dd.registry_frame(registry, entries, verifications, probes)
-    drifted = frame.loc[frame["status"].str.contains("drift"), "name"].tolist()
+    statuses = dd.service_for(settings).statuses(entries)
+    frame = dd.registry_frame(registry, entries, statuses)
+    drifted = [entry.name for entry in entries if statuses[entry.name].drifted]
     if drifted:
         st.error(f"**Hash drift on locked entries:** {', '.join(drifted)} — see the entry below and runbook §3.")
     names = frame["name"].tolist()
@@ -529,7 +530,7 @@ def entries_section(settings: Settings, registry: Registry) -> None:
         st.session_state["registry_entry"] = names[0]
     name = st.selectbox("Entry", names, key="registry_entry")
     st.divider()
-    entry_detail(settings, registry, registry.entries[name], verifications.get(name))
+    entry_detail(settings, registry, registry.entries[name], statuses[name])
 
 
 settings = ui.settings()

@@ -11,40 +11,25 @@ import typer
 
 from .. import history
 from ..errors import UsageError
+from ..launch import preview_launch
 from ..registry import Registry, filter_entries, load_registry, rollback, write_snapshot
 from ..schema import CAPABILITY_NAMES, ModelEntry, json_schema
-from ..selection import endpoint_for, select_model
-from ..settings import Settings
+from ..selection import endpoint_for
+from ..service import EntryStatus, ImageWorks
 from .app import JsonOpt, RootOpt, app, echo_json, format_table, settings_for
 
 
-def _status_maps(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
-    # Reading must not create the history DB ("loading never writes").
-    if not settings.history_db_path.exists():
-        return {}, {}
-    return history.latest_verifications(settings), history.latest_probes(settings)
-
-
-def _lock_state(entry: ModelEntry) -> str:
-    if entry.version_lock is None or not entry.version_lock.expected_aggregate_sha256:
-        return "unlocked"
-    return "locked" if entry.version_lock.locked else "pinned"
-
-
-def entry_summary(registry: Registry, entry: ModelEntry, verifications: dict[str, Any], probes: dict[str, Any]) -> dict:
+def entry_summary(registry: Registry, entry: ModelEntry, status: EntryStatus) -> dict:
     """The row ``list`` shows for an entry (also its JSON form)."""
-    verification = verifications.get(entry.name)
-    probe = probes.get(entry.name)
+    verification, probe = status.last_verification, status.last_probe
     return {
         "name": entry.name,
         "backend": entry.backend,
         "served_model_id": entry.effective_served_id,
         "roles": entry.roles,
         "capabilities": entry.capabilities.enabled(),
-        "lock": _lock_state(entry),
-        "weights": (
-            "n/a" if not entry.download_path else ("present" if registry.weights_present(entry.name) else "missing")
-        ),
+        "lock": status.lock,
+        "weights": status.weights,
         "last_verify": verification["result"] if verification else "never",
         "last_verify_at": verification["at"] if verification else None,
         "last_probe": (None if not probe else ("vision_ok" if probe["vision_ok"] else "failed")),
@@ -73,12 +58,13 @@ def list_cmd(
     settings = settings_for(root)
     if capability and capability not in CAPABILITY_NAMES:
         raise UsageError(f"unknown capability {capability!r}; valid: {', '.join(CAPABILITY_NAMES)}")
-    registry = load_registry(settings=settings)
+    service = ImageWorks(settings)
+    registry = service.registry
     entries = filter_entries(
         registry, role=role, capability=capability, backend=backend, profile=profile, include_testing=include_testing
     )
-    verifications, probes = _status_maps(settings)
-    rows = [entry_summary(registry, e, verifications, probes) for e in entries]
+    statuses = service.statuses(entries)
+    rows = [entry_summary(registry, e, statuses[e.name]) for e in entries]
     if as_json:
         echo_json(rows)
         return
@@ -102,16 +88,6 @@ def list_cmd(
     typer.echo(f"\n{len(entries)} entries" + (f" ({hidden} hidden by filters)" if hidden else ""))
 
 
-def launch_preview(entry: ModelEntry, settings: Settings) -> list[str] | None:
-    """The argv ``activate-model`` would run, placeholders expanded (None for remote backends)."""
-    from ..launch import expand_launch
-
-    try:
-        return expand_launch(entry, settings)
-    except Exception:  # preview only; activation reports the real error
-        return entry.launch_template()
-
-
 @app.command("show")
 def show_cmd(
     name: Annotated[str, typer.Argument(help="Logical name, alias or served id.")],
@@ -120,17 +96,18 @@ def show_cmd(
 ) -> None:
     """Show one merged entry and the layer each field came from."""
     settings = settings_for(root)
-    registry = load_registry(settings=settings)
+    service = ImageWorks(settings)
+    registry = service.registry
     entry = registry.get(name)
     provenance = registry.provenance(entry.name)
     data = entry.model_dump(mode="json")
-    verifications, probes = _status_maps(settings)
+    status = service.status(entry.name)
     extra = {
         "endpoint": endpoint_for(entry, settings) if entry.backend else None,
-        "launch_argv": launch_preview(entry, settings) if entry.is_process_backend else None,
-        "weights": entry_summary(registry, entry, verifications, probes)["weights"],
-        "last_verification": verifications.get(entry.name),
-        "last_probe": probes.get(entry.name),
+        "launch_argv": preview_launch(entry, settings),
+        "weights": status.weights,
+        "last_verification": status.last_verification,
+        "last_probe": status.last_probe,
     }
     if as_json:
         echo_json({"entry": data, "provenance": provenance, "layer": registry.layer_of(entry.name), **extra})
@@ -210,7 +187,7 @@ def select_cmd(
         raise UsageError("give a NAME or --role ROLE (exactly one)")
     settings = settings_for(root)
     required = [c for c in (require or "").split(",") if c.strip()]
-    selection = select_model(name=name, role=role, require_capabilities=required, profile=profile, settings=settings)
+    selection = ImageWorks(settings).select(name=name, role=role, require_capabilities=required, profile=profile)
     if as_json:
         echo_json(selection.to_dict())
         return

@@ -1,0 +1,219 @@
+"""The one service object: ``ImageWorks(settings)`` keeps each promise once; the CLI, API and dashboard format.
+
+It owns the registry a front end serves (the last good one when the files on disk turn invalid, with the error
+beside it), the status of every entry (lock state, weights, latest verification and probe, the drift rule,
+per-field provenance), and the actions (select, verify, lock, unlock, activate, stop, probe). Front ends parse
+arguments and format results; they hold no rules.
+
+Adversaries: concurrent callers in one process (threads of the API server, Streamlit sessions) share one object:
+swaps of the registry are atomic under a lock; a registry that turns invalid never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import audit, history
+from .errors import LockViolationError, RegistryError
+from .registry import Registry, load_registry
+from .schema import ModelEntry
+from .selection import Selection, select_model
+from .settings import Settings, get_settings
+
+LockState = Literal["locked", "pinned", "unlocked"]
+WeightsState = Literal["present", "missing", "n/a"]
+
+
+@dataclass
+class RegistryStatus:
+    """What the last load or reload did (``GET /v1/registry/status``, the dashboard's banner)."""
+
+    ok: bool = True
+    entries: int = 0
+    loaded_at: str | None = None
+    last_attempt_at: str | None = None
+    errors: list[str] = field(default_factory=list)
+    reloads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class EntryStatus:
+    """Everything an operator checks about one entry before trusting it."""
+
+    name: str
+    lock: LockState
+    weights: WeightsState
+    last_verification: dict[str, Any] | None
+    last_probe: dict[str, Any] | None
+
+    @property
+    def drifted(self) -> bool:
+        """The drift rule: a locked entry whose latest verification found drift is not to be used."""
+        return self.lock == "locked" and (self.last_verification or {}).get("result") == "drift"
+
+    @property
+    def badges(self) -> list[str]:
+        """'drift' and/or 'missing' (weights), the two states that make an entry unusable."""
+        return [b for b, on in (("drift", self.drifted), ("missing", self.weights == "missing")) if on]
+
+
+def lock_state(entry: ModelEntry) -> LockState:
+    """'locked', 'pinned' (expected hash kept, lock off) or 'unlocked'."""
+    if entry.version_lock is None or not entry.version_lock.expected_aggregate_sha256:
+        return "unlocked"
+    return "locked" if entry.version_lock.locked else "pinned"
+
+
+def weights_state(registry: Registry, entry: ModelEntry) -> WeightsState:
+    """'present', 'missing' or 'n/a' (remote / ollama entries have no download_path)."""
+    if not entry.download_path:
+        return "n/a"
+    return "present" if registry.weights_present(entry.name) else "missing"
+
+
+def drift_violation(status: EntryStatus) -> LockViolationError:
+    """The error for using an entry that :attr:`EntryStatus.drifted` (exit 2, HTTP 423)."""
+    at = (status.last_verification or {}).get("at", "?")
+    return LockViolationError(
+        f"{status.name!r} is locked and its last verification ({at}) drifted; "
+        f"inspect with `imageworks-models verify {shlex.quote(status.name)}`",
+        reason="locked_drift",
+    )
+
+
+class ImageWorks:
+    """The service every front end calls for one deployment root.
+
+    ``registry`` is the last good registry; :meth:`reload` (hot reload, the Reload button) and :meth:`refresh`
+    (a cheap re-check of the files, cached by their stat) swap in a newer one only when it is valid.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, load: bool = True) -> None:
+        self.settings = settings or get_settings()
+        self._lock = threading.Lock()
+        self._registry: Registry | None = None
+        self._error: RegistryError | None = None
+        self._status = RegistryStatus()
+        if load:
+            self._load(force=True, audited=False)
+
+    # The registry --------------------------------------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        """The last good registry (RegistryError with the problems when none ever loaded)."""
+        with self._lock:
+            if self._registry is None:
+                raise self._error or RegistryError("no valid registry loaded yet", self._status.errors)
+            return self._registry
+
+    @property
+    def has_registry(self) -> bool:
+        with self._lock:
+            return self._registry is not None
+
+    @property
+    def registry_status(self) -> RegistryStatus:
+        with self._lock:
+            return self._status
+
+    @property
+    def registry_error(self) -> RegistryError | None:
+        """Why the files on disk are not what is served (None when they are)."""
+        with self._lock:
+            return self._error
+
+    def reload(self) -> RegistryStatus:
+        """Force-load the files; swap in when valid, else keep the last good registry and record the problems
+        (a failed reload is audited: a running server kept serving something other than the files)."""
+        return self._load(force=True, audited=True)
+
+    def refresh(self) -> RegistryStatus:
+        """Re-check the files (cheap when unchanged: the loader caches by their stat)."""
+        return self._load(force=False, audited=False)
+
+    def _load(self, *, force: bool, audited: bool) -> RegistryStatus:
+        attempt = history.now_iso()
+        try:
+            registry = load_registry(force=force, settings=self.settings)
+        except RegistryError as exc:
+            with self._lock:
+                self._error = exc
+                self._status = RegistryStatus(
+                    ok=False,
+                    entries=len(self._registry) if self._registry else 0,
+                    loaded_at=self._status.loaded_at,
+                    last_attempt_at=attempt,
+                    errors=exc.lines(),
+                    reloads=self._status.reloads,
+                )
+                status = self._status
+            if audited:
+                audit.log_event(self.settings, "registry_reload_failed", errors=exc.lines())
+            return status
+        with self._lock:
+            if registry is not self._registry or self._error is not None:
+                self._status = RegistryStatus(True, len(registry), attempt, attempt, [], self._status.reloads + 1)
+            self._registry, self._error = registry, None
+            return self._status
+
+    # Entry status ----------------------------------------------------------------------------------------------
+    def _latest(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        # Reading never creates the history DB ("loading never writes").
+        if not self.settings.history_db_path.exists():
+            return {}, {}
+        return history.latest_verifications(self.settings), history.latest_probes(self.settings)
+
+    def statuses(self, entries: Iterable[ModelEntry] | None = None) -> dict[str, EntryStatus]:
+        """Status of ``entries`` (default: every entry), from one read of the history DB."""
+        registry = self.registry
+        verifications, probes = self._latest()
+        return {
+            entry.name: EntryStatus(
+                name=entry.name,
+                lock=lock_state(entry),
+                weights=weights_state(registry, entry),
+                last_verification=verifications.get(entry.name),
+                last_probe=probes.get(entry.name),
+            )
+            for entry in (registry if entries is None else entries)
+        }
+
+    def status(self, name: str) -> EntryStatus:
+        """Status of one entry (by name, alias or served id)."""
+        entry = self.registry.get(name)
+        return self.statuses([entry])[entry.name]
+
+    def provenance(self, name: str) -> dict[str, str]:
+        """Which layer each field of the merged entry came from."""
+        registry = self.registry
+        return registry.provenance(registry.get(name).name)
+
+    # Selection -------------------------------------------------------------------------------------------------
+    def select(
+        self,
+        *,
+        name: str | None = None,
+        role: str | None = None,
+        require_capabilities: Sequence[str] = (),
+        profile: str | None = None,
+    ) -> Selection:
+        """Resolve a name or role to an endpoint; a locked entry whose last verification drifted is refused."""
+        selection = select_model(
+            name=name,
+            role=role,
+            require_capabilities=list(require_capabilities),
+            profile=profile,
+            registry=self.registry,
+            settings=self.settings,
+        )
+        status = self.status(selection.name)
+        if status.drifted:
+            raise drift_violation(status)
+        return selection
