@@ -1,7 +1,7 @@
 """The loader's HTTP API (FastAPI): registry queries, selection, verification, probes, activation, proxy.
 
 Blocking work (hashing, probes, activation) runs in worker threads, never on the event loop. Errors map to
-HTTP statuses in one place (:data:`STATUS_FOR`), with a JSON body that says *why*.
+HTTP statuses in one place (:data:`errors.STATUS_FOR`), with a JSON body that says *why*.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ from starlette.background import BackgroundTask
 from . import history
 from .api_security import RequestGuard, check_bind, check_json_values
 from .errors import (
-    BackendError,
+    STATUS_FOR,
     CapabilityError,
     FilteredModelError,
-    HashDriftError,
     ImageWorksError,
     RegistryError,
     UnknownModelError,
     UsageError,
-    WeightsError,
 )
 from .proxy import (
     RETRY_AFTER_S,
@@ -48,19 +46,6 @@ from .schema import ModelEntry
 from .selection import endpoint_for, select_model
 from .settings import Settings
 
-# Most specific first: the first matching class decides the status.
-STATUS_FOR: list[tuple[type[Exception], int]] = [
-    (SwitchInProgress, 503),
-    (FilteredModelError, 404),
-    (UnknownModelError, 404),
-    (CapabilityError, 409),
-    (HashDriftError, 409),
-    (UsageError, 400),
-    (WeightsError, 424),
-    (RegistryError, 503),
-    (BackendError, 502),
-    (ImageWorksError, 400),
-]
 ACTIVE_CHECK_TTL_S = 1.0
 
 

@@ -1,11 +1,20 @@
-"""One exception hierarchy for the whole core; the CLI maps each class to one exit code.
+"""One exception hierarchy for the whole core, with the two tables front ends map it through.
 
 Every error carries a one-line, operator-facing message that names the file, field or value at fault and
-the fix. ``exit_code`` is the CLI's contract (documented in the README).
+the fix. Each class's ``exit_code`` is the CLI's contract (the ``EXIT_*`` table below, documented in the
+README); :data:`STATUS_FOR` is the HTTP API's. Every error the core raises on purpose is defined here; other
+modules may re-export one under its old name (``gpu.GpuUnavailable``, ``runtime.ActivationError``,
+``proxy.SwitchInProgress``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+NO_GPU_MESSAGE = "No NVIDIA GPU visible"
+"""What front ends show where GPU figures would be; :class:`GpuUnavailable` messages start with it."""
+
+# The CLI's table: each class below sets one of these as its ``exit_code``.
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_DRIFT = 2
@@ -112,7 +121,66 @@ class ProbeError(BackendError):
     """The vision probe could not run or the model failed it."""
 
 
+class ActivationError(BackendError):
+    """A backend did not become ready; the message ends with the last lines of its log."""
+
+    def __init__(self, message: str, *, name: str, log_path: Path, log_tail: list[str]) -> None:
+        header = f"--- last {len(log_tail)} lines of {log_path} ---"
+        super().__init__(
+            "\n".join([message, header, *log_tail]) if log_tail else f"{message} (log {log_path} is empty)"
+        )
+        self.summary = message
+        self.name = name
+        self.log_path = log_path
+        self.log_tail = log_tail
+
+
+class SwitchInProgress(BackendError):
+    """Another model is being activated on the single port; retry after ``RETRY_AFTER_S``."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"switching the single port to {target!r}; retry in {RETRY_AFTER_S} s")
+        self.target = target
+
+
+class GpuUnavailable(ImageWorksError):
+    """NVML cannot be used here (library missing, no driver, no device); ``reason`` says which."""
+
+    exit_code = EXIT_BACKEND
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{NO_GPU_MESSAGE} ({reason})")
+        self.reason = reason
+
+
 class WeightsError(ImageWorksError):
     """Weights are missing, unreadable, empty, or escape their directory."""
 
     exit_code = EXIT_WEIGHTS
+
+
+class UnknownRevisionError(UnknownModelError):
+    """No registry revision has the requested number (exit 4 and HTTP 404, like an unknown name)."""
+
+    def __init__(self, rev: int) -> None:
+        super().__init__(f"no revision {rev} (see `imageworks-models history`)")
+        self.rev = rev
+
+
+# The HTTP API's table ------------------------------------------------------------------------------------
+RETRY_AFTER_S = 5
+"""The ``Retry-After`` a client gets while the single port switches to another model."""
+
+STATUS_FOR: list[tuple[type[Exception], int]] = [
+    (SwitchInProgress, 503),
+    (FilteredModelError, 404),
+    (UnknownModelError, 404),
+    (CapabilityError, 409),
+    (HashDriftError, 409),
+    (UsageError, 400),
+    (WeightsError, 424),
+    (RegistryError, 503),
+    (BackendError, 502),
+    (ImageWorksError, 400),
+]
+"""Error class -> HTTP status, most specific first: the first matching class decides."""

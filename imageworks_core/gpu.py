@@ -14,19 +14,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import EXIT_BACKEND, ImageWorksError
-
-NO_GPU_MESSAGE = "No NVIDIA GPU visible"
-
-
-class GpuUnavailable(ImageWorksError):
-    """NVML cannot be used here (library missing, no driver, no device); ``reason`` says which."""
-
-    exit_code = EXIT_BACKEND
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"{NO_GPU_MESSAGE} ({reason})")
-        self.reason = reason
+# Defined in errors.py (every error lives there); kept importable from here, where callers look for them.
+from .errors import NO_GPU_MESSAGE as NO_GPU_MESSAGE
+from .errors import GpuUnavailable as GpuUnavailable
 
 
 @dataclass(frozen=True)

@@ -19,24 +19,16 @@ from typing import Any
 import httpcore
 
 from . import history
-from .errors import BackendError, CapabilityError, ImageWorksError, UsageError
+from .errors import RETRY_AFTER_S as RETRY_AFTER_S
+from .errors import BackendError, CapabilityError, ImageWorksError, SwitchInProgress, UsageError
 from .registry import Registry
 from .schema import ModelEntry
 from .selection import endpoint_for
 from .settings import Settings
 
-RETRY_AFTER_S = 5
 # Connect fast; reads may take long (a big model's first token, a long stream).
 _TIMEOUTS = {"connect": 5.0, "read": 600.0, "write": 60.0, "pool": 60.0}
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
-
-
-class SwitchInProgress(BackendError):
-    """Another model is being activated on the single port; retry later."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__(f"switching the single port to {target!r}; retry in {RETRY_AFTER_S} s")
-        self.target = target
 
 
 def check_request_body(path: str, body: Any) -> None:

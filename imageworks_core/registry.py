@@ -39,7 +39,7 @@ from filelock import Timeout
 from pydantic import BaseModel, TypeAdapter
 
 from . import audit, history, journal
-from .errors import RegistryError, UnknownModelError, ValidationError
+from .errors import RegistryError, UnknownModelError, UnknownRevisionError, ValidationError
 from .registry_file import (
     WRITE_LOCK_TIMEOUT_S,
     atomic_write_text,
@@ -622,7 +622,7 @@ def rollback(settings: Settings, rev: int, *, command: str | None = None) -> Reg
     """
     row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
     if row is None:
-        raise UnknownModelError(f"no revision {rev} (see `imageworks-models history`)")
+        raise UnknownRevisionError(rev)
     path = history.revision_path(settings, row["file"])
     layer: Layer
     if path == settings.curated_path:

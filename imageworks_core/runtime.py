@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import gpu, history
 from .audit import current_actor, log_event
-from .errors import BackendError, ImageWorksError, LockViolationError
+from .errors import ActivationError, BackendError, ImageWorksError, LockViolationError
 from .launch import expand_launch
 from .registry import Registry, load_registry
 from .registry_file import atomic_write_text
@@ -163,20 +163,6 @@ class StopResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-class ActivationError(BackendError):
-    """A backend did not become ready; the message ends with the last lines of its log."""
-
-    def __init__(self, message: str, *, name: str, log_path: Path, log_tail: list[str]) -> None:
-        header = f"--- last {len(log_tail)} lines of {log_path} ---"
-        super().__init__(
-            "\n".join([message, header, *log_tail]) if log_tail else f"{message} (log {log_path} is empty)"
-        )
-        self.summary = message
-        self.name = name
-        self.log_path = log_path
-        self.log_tail = log_tail
 
 
 # The state file ------------------------------------------------------------------------------------------
