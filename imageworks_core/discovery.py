@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import audit, history, schema
-from .download import DownloadResult, ProgressCallback, download_repo, location_roots, read_marker, resolve_location
+from .download import (
+    DEFAULT_LOCATION,
+    DownloadResult,
+    ProgressCallback,
+    download_repo,
+    location_roots,
+    read_marker,
+    resolve_location,
+)
 from .errors import RegistryError, UsageError, WeightsError
 from .formats import FormatInfo, ScanResult, scan_directory
 from .registry import Registry, edit_layer, load_registry
@@ -393,7 +401,7 @@ def download_and_register(
     settings: Settings,
     repo_id: str,
     *,
-    location: str = "linux_wsl",
+    location: str = DEFAULT_LOCATION,
     revision: str | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,

@@ -59,7 +59,7 @@ from pydantic import BaseModel, Field
 from .errors import BackendError, ImageWorksError, UsageError, WeightsError
 from .formats import FormatInfo, scan_directory
 from .registry_file import atomic_write_text
-from .settings import Settings
+from .settings import Settings, get_settings
 from .units import format_bytes
 
 STATE_DIR = PurePosixPath(".cache/imageworks")
@@ -73,6 +73,8 @@ RETRY_BACKOFF_S = 1.0
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
+DEFAULT_LOCATION = "linux_wsl"
+"""Where downloads go unless told otherwise (``IMAGEWORKS_MODEL_ROOT`` moves it)."""
 DEFAULT_LOCATIONS: dict[str, str] = {
     "linux_wsl": "~/ai-models/weights",
     "windows_lmstudio": "/mnt/c/Users/{user}/.lmstudio/models",
@@ -199,7 +201,7 @@ def download_repo(
     """
     started = datetime.now(UTC)
     _validate_repo_id(repo_id)
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    endpoint = (endpoint or get_settings().hf_endpoint or constants.ENDPOINT).rstrip("/")
     _refuse_offline(endpoint)
     target = Path(os.path.abspath(Path(target_dir).expanduser()))
     if target.exists() and not target.is_dir():
@@ -349,14 +351,10 @@ def _validate_repo_id(repo_id: str) -> None:
         raise UsageError(f"invalid repo id {repo_id!r}: expected 'owner/repo' (letters, digits, '-', '_', '.')")
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _refuse_offline(endpoint: str) -> None:
     # huggingface_hub reads HF_HUB_OFFLINE once at import; the environment is checked again here so a variable
     # set later (or by a test) still stops us before any request or any write.
-    if constants.is_offline_mode() or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+    if constants.is_offline_mode() or get_settings().hub_offline:
         raise BackendError(
             f"Hugging Face Hub unreachable (offline?): offline mode is on (HF_HUB_OFFLINE), so {endpoint} is not "
             "contacted; unset HF_HUB_OFFLINE to download"

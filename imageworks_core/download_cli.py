@@ -6,7 +6,6 @@ Exit codes come from the one mapping in :func:`imageworks_core.cli.app.run`: 6 H
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from .discovery import (
     next_steps,
     normalize_formats,
 )
+from .download import DEFAULT_LOCATION
 from .settings import Settings, get_settings
 from .units import format_bytes
 
@@ -145,7 +145,7 @@ def download_cmd(
     location: Annotated[
         str,
         typer.Option(help="linux_wsl, windows_lmstudio, a name from configs/locations.json, or a directory path."),
-    ] = "linux_wsl",
+    ] = DEFAULT_LOCATION,
     include: Annotated[
         list[str] | None, typer.Option("--include", metavar="GLOB", help="Only files matching (repeatable).")
     ] = None,
@@ -171,7 +171,6 @@ def download_cmd(
             include=include or None,
             exclude=exclude or None,
             force=force,
-            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now: huggingface_hub reads it at import
             progress=progress,
         )
     finally:

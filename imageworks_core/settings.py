@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(default=32.0, gt=0, validation_alias="IMAGEWORKS_MAX_BODY_MB")
     max_image_pixels: int = Field(default=40_000_000, gt=0, validation_alias="IMAGEWORKS_MAX_IMAGE_PIXELS")
     actor: str | None = Field(default=None, validation_alias="IMAGEWORKS_ACTOR")
+    debug: str = Field(default="", validation_alias="IMAGEWORKS_DEBUG")
+    # The Hugging Face Hub, read per call (huggingface_hub itself reads these once, at import).
+    hf_endpoint: str | None = Field(default=None, validation_alias="HF_ENDPOINT")
+    hf_hub_offline: str = Field(default="", validation_alias="HF_HUB_OFFLINE")
+    transformers_offline: str = Field(default="", validation_alias="TRANSFORMERS_OFFLINE")
     # Single-port runtime (names kept from the original chat proxy so existing deployments carry over).
     vllm_host: str = Field(default="127.0.0.1", validation_alias="CHAT_PROXY_VLLM_HOST")
     vllm_port: int = Field(default=24001, validation_alias="CHAT_PROXY_VLLM_PORT")
@@ -42,6 +47,17 @@ class Settings(BaseSettings):
     )
     vllm_extra_args: str = Field(default="", validation_alias="CHAT_PROXY_VLLM_EXTRA_ARGS")
     gpu_overhead_factor: float = Field(default=1.2, validation_alias="IMAGEWORKS_GPU_OVERHEAD_FACTOR")
+
+    @property
+    def debug_enabled(self) -> bool:
+        """``IMAGEWORKS_DEBUG`` set to anything but empty or 0: tracebacks for unexpected errors."""
+        return self.debug.strip() not in ("", "0")
+
+    @property
+    def hub_offline(self) -> bool:
+        """``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is on (1, on, yes, true)."""
+        flags = (self.hf_hub_offline, self.transformers_offline)
+        return any(value.strip().upper() in {"1", "ON", "YES", "TRUE"} for value in flags)
 
     def model_post_init(self, __context: object) -> None:
         self.root = self.root.expanduser().resolve()

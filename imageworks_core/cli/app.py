@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -87,11 +86,18 @@ def run(cli: typer.Typer, argv: Sequence[str] | None, prog_name: str) -> int:
         typer.echo("interrupted", err=True)
         return 130
     except Exception as exc:  # the last resort: one line, traceback only on request
-        if os.environ.get("IMAGEWORKS_DEBUG"):
+        if _debug_enabled():
             traceback.print_exc()
         typer.echo(f"unexpected error: {type(exc).__name__}: {exc} (set IMAGEWORKS_DEBUG=1 for a traceback)", err=True)
         return EXIT_UNEXPECTED
     return result if isinstance(result, int) else 0
+
+
+def _debug_enabled() -> bool:
+    try:
+        return get_settings().debug_enabled
+    except Exception:  # the environment itself may be what failed
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
