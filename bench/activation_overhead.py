@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from imageworks_demo.launch import demo_argv, demo_launch
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_OVERHEAD_S = 0.5
 ENTRIES = {"bench-a_(CPU)": "bench/a", "bench-b_(CPU)": "bench/b"}
@@ -43,10 +45,7 @@ def free_port() -> int:
 
 
 def backend_argv(port: int, served: str) -> list[str]:
-    return [sys.executable, "-m", "imageworks_core.demo_backend", "--host", "127.0.0.1", "--port", str(port)] + [
-        "--served-model-name",
-        served,
-    ]
+    return demo_argv(port, "--served-model-name", served)
 
 
 def make_root(root: Path) -> None:
@@ -59,21 +58,8 @@ def make_root(root: Path) -> None:
             "backend": "vllm",
             "served_model_id": served,
             "download_path": "demo/models/imageworks-demo-vision",
-            "backend_config": {
-                "launch": [
-                    "{python}",
-                    "-m",
-                    "imageworks_core.demo_backend",
-                    "--host",
-                    "{host}",
-                    "--port",
-                    "{port}",
-                    "--served-model-name",
-                    "{served_model_id}",
-                ],
-                "startup_timeout_s": 30,
-            },
-        }  # fmt: skip
+            "backend_config": {"launch": demo_launch(), "startup_timeout_s": 30},
+        }
         for name, served in ENTRIES.items()
     ]
     (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries, indent=2))

@@ -1,7 +1,7 @@
 """ImageWorks Model Loader core: layered registry, verification, single-port runtime, probe, downloader, API.
 
-The public surface is re-exported here lazily (PEP 562), so ``python -m imageworks_core.demo_backend`` and
-other light entry points do not pay for pydantic and the registry at start-up.
+The public surface is re-exported here lazily (PEP 562), so light entry points do not pay for pydantic and the
+registry at start-up.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One image goes to the model's OpenAI-compatible endpoint with a fixed question. ``vision_ok`` needs HTTP 200, a
 non-empty answer and, when the server reports ``usage.prompt_tokens``, more prompt tokens than a text-only
 control request with the same question (so a server that silently drops the image fails). Without a user image
-the probe sends the canonical image (a red circle and the digits 42, drawn by the demo backend's own function),
+the probe sends the canonical image (a red circle and the digits 42, :func:`make_canonical_probe_image`),
 whose content is known, and ``grounded`` says whether the answer names it.
 
 Input images are validated before anything is sent (real image by content, size limit, Pillow's
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import BaseModel, Field
@@ -39,6 +39,10 @@ from .registry import Registry, load_registry
 from .schema import ModelEntry
 from .selection import endpoint_for
 from .settings import Settings
+from .upstream import auth_headers
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PROBE_VERSION = 1
 """Bumped whenever the question, image or pass criteria change, so old results stay comparable."""
@@ -151,11 +155,28 @@ class ProbeResult(BaseModel):
 
 
 # Image preparation -------------------------------------------------------------------------------------------
+def make_canonical_probe_image(size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """The vision probe's image: on white, a large red circle (left half) and the digits 42 in black (right).
+
+    Drawn with Pillow's default font, the font the demo backend's digit reader matches against, so the demo
+    answers it the way a real vision model would.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    radius = round(min(width / 2, height) * 0.4)
+    cx, cy = width // 4, height // 2
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 0, 0))
+    font = ImageFont.load_default(size=max(12, round(min(width / 2, height) * 0.6)))
+    draw.text((3 * width // 4, height // 2), "42", font=font, fill=(0, 0, 0), anchor="mm")
+    return image
+
+
 @lru_cache(maxsize=1)
 def canonical_image_bytes() -> bytes:
-    """The canonical probe image as PNG bytes (drawn by the demo backend, whose recogniser agrees with it)."""
-    from .demo_backend import make_canonical_probe_image
-
+    """The canonical probe image (:func:`make_canonical_probe_image`) as PNG bytes."""
     buffer = io.BytesIO()
     make_canonical_probe_image().save(buffer, format="PNG")
     return buffer.getvalue()
@@ -465,12 +486,6 @@ def _post_chat(client: httpx.Client, url: str, payload: dict[str, Any], headers:
     )
 
 
-def _auth_headers(entry: ModelEntry) -> dict[str, str]:
-    key_env = entry.backend_config.api_key_env
-    key = os.environ.get(key_env) if key_env else None
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 # The probe -------------------------------------------------------------------------------------------------------
 def probe_vision(
     settings: Settings,
@@ -544,7 +559,7 @@ def probe_vision(
         expected=list(CANONICAL_CONTENT) if canonical else [],
         timestamp=history.now_iso(),
     )
-    headers = _auth_headers(entry)
+    headers = auth_headers(entry)
     with httpx.Client(timeout=httpx.Timeout(timeout)) as client:
         started = time.perf_counter()
         try:

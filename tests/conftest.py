@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from imageworks_core.settings import Settings, get_settings
+from imageworks_demo.launch import demo_argv, demo_launch
+
+__all__ = ["demo_argv", "demo_launch", "free_port", "require", "seed_root"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,22 +25,6 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must not skip: {reason}")
     pytest.skip(reason)
-
-
-def demo_launch(*flags: str) -> list[str]:
-    """A registry ``launch`` template that runs the bundled demo backend (``flags``: its fault switches)."""
-    return [
-        "{python}",
-        "-m",
-        "imageworks_core.demo_backend",
-        "--host",
-        "{host}",
-        "--port",
-        "{port}",
-        "--served-model-name",
-        "{served_model_id}",
-        *flags,
-    ]
 
 
 def free_port() -> int:

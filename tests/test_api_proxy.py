@@ -15,8 +15,9 @@ import pytest
 from api_server import api_server
 from conftest import free_port
 
-from imageworks_core.demo_backend import make_canonical_probe_image
+from imageworks_core.probe import make_canonical_probe_image
 from imageworks_core.settings import Settings
+from imageworks_demo.launch import SERVER_MODULE
 
 DEMO = "demo-vision_(CPU)"
 TEXT = "demo-text_(CPU)"
@@ -36,7 +37,7 @@ def demo_backends(port: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if "imageworks_core.demo_backend" in cmdline and str(port) in cmdline:
+        if SERVER_MODULE in cmdline and str(port) in cmdline:
             found.append(proc)
     return found
 

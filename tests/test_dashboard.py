@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, demo_launch, free_port
+from conftest import REPO, demo_argv, demo_launch, free_port
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit, dashboard_data, gpu, history, runtime
@@ -124,9 +124,8 @@ def demo_backend() -> Iterator[Callable[[int], None]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(port: int) -> None:
-        argv = [sys.executable, "-m", "imageworks_core.demo_backend", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(
-            [*argv, "--served-model-name", "imageworks/demo-vision"],
+            demo_argv(port, "--served-model-name", "imageworks/demo-vision"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -247,7 +246,7 @@ def test_entry_detail_shows_every_field_with_its_layer_and_the_exact_launch_argv
     assert argv == [
         sys.executable,
         "-m",
-        "imageworks_core.demo_backend",
+        "imageworks_demo.server",
         "--host",
         "127.0.0.1",
         "--port",
@@ -261,7 +260,7 @@ def test_entry_detail_shows_every_field_with_its_layer_and_the_exact_launch_argv
 def test_remote_entry_detail_has_no_launch_argv_and_no_verify(root: Settings) -> None:
     at = select_entry(open_page(), "gpt-4o-mini_(remote)")
     assert "`https://api.openai.com/v1`" in joined(at.markdown)
-    assert all("demo_backend" not in c for c in texts(at.code))
+    assert all("imageworks_demo" not in c for c in texts(at.code))
     assert widget(at.button, "Verify Hash").disabled
     assert widget(at.toggle, "Lock version").disabled
     assert "No download_path: nothing to verify" in joined(at.caption)

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,17 +19,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import free_port
+from conftest import demo_argv, free_port
 from PIL import Image, ImageDraw, ImageFont
 
-from imageworks_core.demo_backend import (
-    IMAGE_PROMPT_TOKENS,
-    TEXT_ONLY_MESSAGE,
-    decode_image_data_url,
-    describe_image,
-    image_to_data_url,
-    make_canonical_probe_image,
-)
+from imageworks_core.probe import make_canonical_probe_image
+from imageworks_demo.server import IMAGE_PROMPT_TOKENS, TEXT_ONLY_MESSAGE
+from imageworks_demo.vision import decode_image_data_url, describe_image, image_to_data_url
 
 SERVED = "demo-vision"
 PROBE_PROMPT = "Describe this image. Mention any shape, its colour and any text you can read."
@@ -184,16 +178,15 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def start_backend(tmp_path: Path) -> Iterator[Callable[..., Backend]]:
-    """Start ``python -m imageworks_core.demo_backend`` with extra flags; every process group is killed after."""
+    """Start ``python -m imageworks_demo.server`` with extra flags; every process group is killed after."""
     started: list[Backend] = []
 
     def start(*flags: str, wait: bool = True) -> Backend:
         port = free_port()
         log_path = tmp_path / f"backend-{len(started)}.log"
-        argv = [sys.executable, "-m", "imageworks_core.demo_backend", "--host", "127.0.0.1", "--port", str(port)]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [*argv, "--served-model-name", SERVED, *flags],
+                demo_argv(port, "--served-model-name", SERVED, *flags),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -217,7 +210,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     log_path = tmp_path_factory.mktemp("demo-backend") / "backend.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imageworks_core.demo_backend", "--port", str(port), "--served-model-name", SERVED],
+            demo_argv(port, "--served-model-name", SERVED),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -15,7 +15,6 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -27,7 +26,7 @@ from typing import Any
 import e2e_backend
 import httpx
 import pytest
-from conftest import free_port, require
+from conftest import demo_argv, free_port, require
 from PIL import Image
 
 from imageworks_core import audit, history
@@ -83,9 +82,8 @@ def demo_server() -> Iterator[Callable[..., str]]:
 
     def start(*flags: str) -> str:
         port = free_port()
-        argv = [sys.executable, "-m", "imageworks_core.demo_backend", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(
-            [*argv, "--served-model-name", DEMO_SERVED, *flags],
+            demo_argv(port, "--served-model-name", DEMO_SERVED, *flags),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -27,6 +27,7 @@ from imageworks_core import history, runtime
 from imageworks_core.audit import read_events
 from imageworks_core.errors import BackendError, LockViolationError
 from imageworks_core.settings import Settings, get_settings
+from imageworks_demo.launch import SERVER_MODULE
 
 A, B = "alpha_(CPU)", "beta_(CPU)"
 STOP_TIMEOUT_S = 1.0
@@ -83,7 +84,7 @@ class Runtime:
         return found
 
     def backends(self) -> list[psutil.Process]:
-        return [p for p in self.processes() if "imageworks_core.demo_backend" in " ".join(p.cmdline())]
+        return [p for p in self.processes() if SERVER_MODULE in " ".join(p.cmdline())]
 
     def served_ids(self) -> list[str]:
         reply = httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=5, trust_env=False)
@@ -448,7 +449,7 @@ def escaping_entry(sleeper_code: str) -> dict[str, Any]:
         "subprocess.run([sys.executable, '-c', "
         f"'import subprocess, sys; subprocess.Popen([sys.executable, \"-c\", \"{sleeper_code}\"], "
         "start_new_session=True)'], check=True); "
-        "os.execv(sys.executable, [sys.executable, '-m', 'imageworks_core.demo_backend', *sys.argv[1:]])"
+        "os.execv(sys.executable, [sys.executable, '-m', 'imageworks_demo.server', *sys.argv[1:]])"
     )
     entry = demo_entry(A, "test/alpha")
     entry["backend_config"]["launch"] = ["{python}", "-c", escape, *demo_launch()[3:]]
@@ -518,7 +519,7 @@ class CrashAfterSpawn(real_popen):
     # The activator dies (as under SIGKILL or a power cut of the CLI) the instant the backend exists.
     def __init__(self, argv, *args, **kwargs):
         super().__init__(argv, *args, **kwargs)
-        if "imageworks_core.demo_backend" in argv:
+        if "imageworks_demo.server" in argv:
             os._exit(9)
 
 
