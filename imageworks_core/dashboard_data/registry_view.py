@@ -1,0 +1,216 @@
+"""The Registry page's data: the service's registry view, the table, badges and time texts, entry detail."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+
+from ..errors import RegistryError
+from ..launch import preview_launch
+from ..registry import Registry
+from ..schema import CAPABILITY_NAMES, KNOWN_ROLES, ModelEntry
+from ..service import EntryStatus, ImageWorks
+from ..settings import Settings
+
+CAPABILITY_ICONS: dict[str, str] = {
+    "text": "📝",
+    "vision": "👁️",
+    "tools": "🛠️",
+    "embeddings": "🧭",
+    "reasoning": "🧠",
+    "audio": "🔊",
+}
+
+
+# Registry loading with a last-good fallback ---------------------------------------------------------------
+@dataclass
+class RegistryView:
+    """What the pages show: the registry (possibly the last good one) and the error that made it stale."""
+
+    registry: Registry | None
+    error: RegistryError | None = None
+    loaded_at: float = 0.0
+
+    @property
+    def stale(self) -> bool:
+        """True when the files on disk are invalid and ``registry`` is the last good load."""
+        return self.error is not None and self.registry is not None
+
+
+_SERVICES: dict[str, ImageWorks] = {}
+
+
+_SERVICES_LOCK = threading.Lock()
+
+
+def service_for(settings: Settings) -> ImageWorks:
+    """The one service object of this process for these settings (every session of the dashboard shares it)."""
+    key = settings.model_dump_json()
+    with _SERVICES_LOCK:
+        service = _SERVICES.get(key)
+        if service is None:
+            service = _SERVICES[key] = ImageWorks(settings)
+    return service
+
+
+def load_registry_view(settings: Settings, *, force: bool = False) -> RegistryView:
+    """The service's registry (the last good one when the files are invalid) with the error beside it."""
+    service = service_for(settings)
+    status = service.reload() if force else service.refresh()
+    loaded_at = datetime.fromisoformat(status.loaded_at).timestamp() if status.loaded_at else 0.0
+    return RegistryView(service.registry if service.has_registry else None, service.registry_error, loaded_at)
+
+
+def badge_markdown(badges: Iterable[str]) -> str:
+    """Streamlit badge markup: red for drift, orange for missing weights."""
+    colors = {"drift": "red", "missing": "orange"}
+    return " ".join(f":{colors.get(b, 'gray')}-badge[{b}]" for b in badges)
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def age_text(timestamp: str | None, now: datetime | None = None) -> str:
+    """'just now', '5 min ago', '3 h ago', '2 d ago' (or '' when unknown)."""
+    moment = _parse_time(timestamp)
+    if moment is None:
+        return ""
+    seconds = max(((now or datetime.now(UTC)) - moment).total_seconds(), 0.0)
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return f"{int(seconds // 86400)} d ago"
+
+
+def duration_text(seconds: float | None) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min' (or '' when unknown)."""
+    if seconds is None:
+        return ""
+    seconds = max(float(seconds), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def capability_icons(capabilities: Iterable[str]) -> str:
+    """'📝 👁️ 🧠' for text, vision, reasoning."""
+    return " ".join(CAPABILITY_ICONS.get(c, c) for c in capabilities)
+
+
+def verification_text(verification: dict[str, Any] | None, now: datetime | None = None) -> str:
+    """'ok · 5 min ago', 'drift · 1 d ago' or 'never'."""
+    if not verification:
+        return "never"
+    age = age_text(verification.get("at"), now)
+    return f"{verification['result']} · {age}" if age else str(verification["result"])
+
+
+def probe_text(probe: dict[str, Any] | None, now: datetime | None = None) -> str:
+    """'vision_ok · 2 h ago', 'failed · …' or 'never'."""
+    if not probe:
+        return "never"
+    outcome = "vision_ok" if probe.get("vision_ok") else "failed"
+    age = age_text(probe.get("at"), now)
+    return f"{outcome} · {age}" if age else outcome
+
+
+REGISTRY_COLUMNS: tuple[str, ...] = (
+    "name",
+    "status",
+    "backend",
+    "served_id",
+    "roles",
+    "capabilities",
+    "format",
+    "quantization",
+    "size_gib",
+    "weights",
+    "lock",
+    "last_verification",
+    "last_probe",
+    "layer",
+    "flags",
+)
+
+
+def registry_frame(
+    registry: Registry,
+    entries: Iterable[ModelEntry],
+    statuses: dict[str, EntryStatus],
+    now: datetime | None = None,
+) -> pd.DataFrame:
+    """One row per entry with the columns of :data:`REGISTRY_COLUMNS` (the Registry page's table)."""
+    now = now or datetime.now(UTC)
+    rows = []
+    for entry in entries:
+        status = statuses[entry.name]
+        flags = [flag for flag, on in (("testing", entry.testing), ("deprecated", entry.deprecated)) if on]
+        badges = status.badges
+        rows.append(
+            {
+                "name": entry.name,
+                "status": " ".join(f"🔴 {b}" if b == "drift" else f"🟠 {b}" for b in badges),
+                "backend": entry.backend or "-",
+                "served_id": entry.effective_served_id,
+                "roles": list(entry.roles),
+                "capabilities": capability_icons(entry.capabilities.enabled()),
+                "format": entry.download_format or "",
+                "quantization": entry.quantization or "",
+                "size_gib": None if entry.download_size_bytes is None else round(entry.download_size_bytes / 2**30, 2),
+                "weights": status.weights,
+                "lock": status.lock,
+                "last_verification": verification_text(status.last_verification, now),
+                "last_probe": probe_text(status.last_probe, now),
+                "layer": registry.layer_of(entry.name),
+                "flags": ", ".join(flags),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(REGISTRY_COLUMNS))
+
+
+def filter_options(registry: Registry) -> dict[str, list[str]]:
+    """Choices for the filter widgets: roles and backends in use, every capability."""
+    roles = sorted({role for entry in registry for role in entry.roles} | set(KNOWN_ROLES))
+    backends = sorted({entry.backend for entry in registry if entry.backend})
+    return {"roles": roles, "capabilities": list(CAPABILITY_NAMES), "backends": backends}
+
+
+# Entry detail ---------------------------------------------------------------------------------------------
+def field_rows(registry: Registry, name: str) -> list[dict[str, str]]:
+    """Every set field of the merged entry with the layer it came from (defaults left out)."""
+    entry = registry.entries[name]
+    data = entry.model_dump(mode="json")
+    rows = []
+    for path, layer in registry.provenance(name).items():
+        value: Any = data
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if layer == "default" and value in (None, [], {}, False):
+            continue
+        rows.append({"field": path, "value": json.dumps(value, ensure_ascii=False, default=str), "from": layer})
+    return rows
+
+
+def launch_argv(entry: ModelEntry, settings: Settings) -> list[str] | None:
+    """The exact argv activation would run (None for remote / ollama entries)."""
+    return preview_launch(entry, settings)
