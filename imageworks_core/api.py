@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shlex
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,13 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from . import history
 from .api_security import RequestGuard, check_bind, check_json_values
 from .errors import (
     STATUS_FOR,
     CapabilityError,
     FilteredModelError,
     ImageWorksError,
+    LockViolationError,
     RegistryError,
     UnknownModelError,
     UsageError,
@@ -41,9 +40,10 @@ from .proxy import (
     response_headers,
 )
 from .registry import filter_entries
-from .reload import RegistryService, RegistryWatcher
+from .reload import RegistryWatcher
 from .schema import ModelEntry
-from .selection import endpoint_for, select_model
+from .selection import endpoint_for
+from .service import EntryStatus, ImageWorks
 from .settings import Settings
 
 ACTIVE_CHECK_TTL_S = 1.0
@@ -73,6 +73,8 @@ def error_body(exc: ImageWorksError) -> dict[str, Any]:
     elif isinstance(exc, UnknownModelError):
         body["reason"] = "unknown_name"
         body["close_matches"] = exc.close_matches
+    elif isinstance(exc, LockViolationError):
+        body["reason"] = exc.reason
     if isinstance(exc, CapabilityError):
         body["missing"] = exc.missing
     if isinstance(exc, RegistryError):
@@ -83,14 +85,9 @@ def error_body(exc: ImageWorksError) -> dict[str, Any]:
     return {"error": body}
 
 
-def _latest(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not settings.history_db_path.exists():
-        return {}, {}
-    return history.latest_verifications(settings), history.latest_probes(settings)
-
-
-def model_card(entry: ModelEntry, verification: dict[str, Any] | None, probe: dict[str, Any] | None) -> dict[str, Any]:
+def model_card(entry: ModelEntry, status: EntryStatus) -> dict[str, Any]:
     """One ``/v1/models`` item: the OpenAI fields plus ours."""
+    verification, probe = status.last_verification, status.last_probe
     return {
         "id": entry.name,
         "object": "model",
@@ -121,7 +118,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     the Host names answered to; see :mod:`imageworks_core.api_security` for the request guard.
     """
     check_bind(settings, bind_host)
-    service = RegistryService(settings)
+    service = ImageWorks(settings)
 
     # The proxy asks "is this model serving?" on every request: answer from a 1 s cache keyed by the state
     # file's stat, so the hot path costs one stat() instead of a JSON parse and a process lookup.
@@ -171,7 +168,8 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "registry_ok": service.status.ok, "entries": service.status.entries}
+        status = service.registry_status
+        return {"status": "ok", "registry_ok": status.ok, "entries": status.entries}
 
     @app.get("/v1/models")
     async def models(include_testing: bool = False, profile: str | None = None) -> dict[str, Any]:
@@ -179,43 +177,24 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         entries = filter_entries(
             registry, include_testing=include_testing, profile=profile if profile is not None else settings.profile
         )
-        verifications, probes = await asyncio.to_thread(_latest, settings)
-        listing: dict[str, Any] = {
-            "object": "list",
-            "data": [model_card(e, verifications.get(e.name), probes.get(e.name)) for e in entries],
-        }
-        if not service.status.ok:
-            listing["registry"] = service.status.to_dict()  # served from the last good registry: say why
+        statuses = await asyncio.to_thread(service.statuses, entries)
+        listing: dict[str, Any] = {"object": "list", "data": [model_card(e, statuses[e.name]) for e in entries]}
+        if not service.registry_status.ok:
+            listing["registry"] = service.registry_status.to_dict()  # served from the last good registry: say why
         return listing
 
     @app.post("/v1/select")
     async def select(request: SelectRequest) -> dict[str, Any]:
         if (request.name is None) == (request.role is None):
             raise UsageError("give exactly one of 'name' or 'role'")
-        registry = service.registry
-        selection = select_model(
+        selection = await asyncio.to_thread(
+            service.select,
             name=request.name,
             role=request.role,
             require_capabilities=request.require_capabilities,
             profile=request.profile,
-            registry=registry,
-            settings=settings,
         )
-        entry = registry.get(selection.name)
-        verifications, _ = await asyncio.to_thread(_latest, settings)
-        last = verifications.get(entry.name)
-        if entry.locked and last is not None and last["result"] == "drift":
-            return JSONResponse(
-                {
-                    "error": {
-                        "type": "LockViolationError",
-                        "message": f"{entry.name!r} is locked and its last verification ({last['at']}) drifted; "
-                        f"inspect with `imageworks-models verify {shlex.quote(entry.name)}`",
-                        "reason": "locked_drift",
-                    }
-                },
-                status_code=423,
-            )
+        entry = service.registry.get(selection.name)
         active = await asyncio.to_thread(is_active, entry.name) if entry.is_process_backend else True
         return {**selection.to_dict(), "active": active}
 
@@ -288,7 +267,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     @app.get("/v1/registry/status")
     async def registry_status() -> dict[str, Any]:
-        return service.status.to_dict()
+        return service.registry_status.to_dict()
 
     @app.post("/v1/registry/reload")
     async def registry_reload() -> JSONResponse:
@@ -346,13 +325,13 @@ class ProxyFastPath:
     from the last good registry, and the header says so.
     """
 
-    def __init__(self, app: Any, forward: Any, service: RegistryService) -> None:
+    def __init__(self, app: Any, forward: Any, service: ImageWorks) -> None:
         self.app = app
         self.forward = forward
         self.service = service
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not self.service.status.ok:
+        if scope["type"] == "http" and not self.service.registry_status.ok:
             send = _with_header(send, REGISTRY_ERROR_HEADER)
         path = PROXY_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
         if path is None or scope.get("method") != "POST":

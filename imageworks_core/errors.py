@@ -176,6 +176,7 @@ STATUS_FOR: list[tuple[type[Exception], int]] = [
     (FilteredModelError, 404),
     (UnknownModelError, 404),
     (CapabilityError, 409),
+    (LockViolationError, 423),
     (HashDriftError, 409),
     (UsageError, 400),
     (WeightsError, 424),

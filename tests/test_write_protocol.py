@@ -23,7 +23,7 @@ from imageworks_core import audit, history, registry
 from imageworks_core.errors import RegistryError
 from imageworks_core.registry import load_registry, rollback, update_entry
 from imageworks_core.registry_file import lock_for
-from imageworks_core.reload import RegistryService
+from imageworks_core.service import ImageWorks
 from imageworks_core.settings import Settings, get_settings
 from imageworks_core.verification import lock_entry, unlock_entry
 
@@ -73,7 +73,7 @@ def test_curated_file_that_disappears_from_a_root_with_history_is_invalid(root: 
 
 
 def test_running_service_keeps_serving_when_the_curated_file_is_truncated(root: Settings) -> None:
-    service = RegistryService(root)
+    service = ImageWorks(root)
     count = len(service.registry)
     root.curated_path.write_text("")
     status = service.reload()
