@@ -39,6 +39,7 @@ from .registry import Registry, load_registry
 from .schema import ModelEntry
 from .selection import endpoint_for
 from .settings import Settings
+from .upstream import auth_headers
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -485,12 +486,6 @@ def _post_chat(client: httpx.Client, url: str, payload: dict[str, Any], headers:
     )
 
 
-def _auth_headers(entry: ModelEntry) -> dict[str, str]:
-    key_env = entry.backend_config.api_key_env
-    key = os.environ.get(key_env) if key_env else None
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 # The probe -------------------------------------------------------------------------------------------------------
 def probe_vision(
     settings: Settings,
@@ -564,7 +559,7 @@ def probe_vision(
         expected=list(CANONICAL_CONTENT) if canonical else [],
         timestamp=history.now_iso(),
     )
-    headers = _auth_headers(entry)
+    headers = auth_headers(entry)
     with httpx.Client(timeout=httpx.Timeout(timeout)) as client:
         started = time.perf_counter()
         try:

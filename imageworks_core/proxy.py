@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import socket
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from .registry import Registry
 from .schema import ModelEntry
 from .selection import endpoint_for
 from .settings import Settings
+from .upstream import auth_headers
 
 # Connect fast; reads may take long (a big model's first token, a long stream).
 _TIMEOUTS = {"connect": 5.0, "read": 600.0, "write": 60.0, "pool": 60.0}
@@ -142,10 +142,7 @@ class Proxy:
         The response body is not read yet: the caller streams it and must close the response.
         """
         headers = [(b"content-type", b"application/json"), (b"accept", b"application/json, text/event-stream")]
-        if entry.backend == "openai" and entry.backend_config.api_key_env:
-            key = os.environ.get(entry.backend_config.api_key_env)
-            if key:
-                headers.append((b"authorization", f"Bearer {key}".encode()))
+        headers += [(k.lower().encode(), v.encode()) for k, v in auth_headers(entry).items()]
         if body.get("model") != entry.effective_served_id:
             raw = json.dumps({**body, "model": entry.effective_served_id}).encode()
         url = httpcore.URL(f"{base_url}/{path}")

@@ -10,6 +10,8 @@ from .errors import CapabilityError, FilteredModelError, UnknownModelError
 from .registry import Registry, load_registry
 from .schema import CAPABILITY_NAMES, ModelEntry
 from .settings import Settings, get_settings
+from .upstream import endpoint_for as endpoint_for
+from .upstream import single_port_endpoint as single_port_endpoint
 
 
 @dataclass(frozen=True)
@@ -25,24 +27,6 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def single_port_endpoint(settings: Settings) -> str:
-    """The one OpenAI-compatible base URL every single-port process backend is served on."""
-    return f"http://{settings.vllm_host}:{settings.vllm_port}/v1"
-
-
-def endpoint_for(entry: ModelEntry, settings: Settings) -> str:
-    """Where requests for ``entry`` go: remote base_url, ollama host:port, or the single port."""
-    config = entry.backend_config
-    if entry.backend == "openai":
-        return str(config.base_url).rstrip("/")
-    if entry.backend == "ollama":
-        if config.base_url:
-            return config.base_url.rstrip("/")
-        return f"http://{config.host or '127.0.0.1'}:{config.port or 11434}/v1"
-    # vllm / lmdeploy: always the single port, never a stale per-entry port.
-    return single_port_endpoint(settings)
 
 
 def _check_capabilities(entry: ModelEntry, required: Iterable[str]) -> None:

@@ -15,6 +15,7 @@ from conftest import free_port
 
 from imageworks_core import gpu, runtime
 from imageworks_core.errors import BackendError
+from imageworks_core.runtime import gpu_fit
 from imageworks_core.settings import Settings, get_settings
 
 GIB = 2**30
@@ -204,7 +205,7 @@ def test_current_model_shows_gpu_memory_and_stop_waits_for_its_release(
     assert "gpu 0:      NVIDIA H100: 30.0 GiB / 80.0 GiB used, utilisation 64%" in shown
 
     # The driver keeps reporting the pid after it exited: the stop warns instead of claiming the memory is free.
-    monkeypatch.setattr(runtime, "GPU_RELEASE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(gpu_fit, "GPU_RELEASE_TIMEOUT_S", 0.3)
     result = runtime.stop(single_port)
     assert result is not None and result.gpu_released is False
     assert result.warnings and f"GPU memory of pid(s) {state.pid} was not released" in result.warnings[0]

@@ -26,6 +26,7 @@ from conftest import demo_launch, free_port, require
 from imageworks_core import history, runtime
 from imageworks_core.audit import read_events
 from imageworks_core.errors import BackendError, LockViolationError
+from imageworks_core.runtime import lock, process
 from imageworks_core.settings import Settings, get_settings
 from imageworks_demo.launch import SERVER_MODULE
 
@@ -126,7 +127,7 @@ def rt(root: Settings, monkeypatch: pytest.MonkeyPatch):
         except psutil.Error:
             pass
     psutil.wait_procs(leftovers, timeout=5)
-    for popen in list(runtime._spawned.values()):
+    for popen in list(process._spawned.values()):
         popen.poll()
     assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
 
@@ -291,7 +292,7 @@ def test_orphans_of_a_dead_backend_are_reported_by_current_model_and_stopped_by_
     child = psutil.Process(state.pid).children()[0]
     os.kill(state.pid, signal.SIGKILL)  # the backend dies on its own; its worker is orphaned, still in the group
     psutil.wait_procs([psutil.Process(state.pid)], timeout=5)
-    runtime._reap(state.pid)
+    process.reap(state.pid)
     # current-model is read-only: it names the leftover and keeps the state, it never signals.
     shown = cli("current-model")
     assert shown.code == 0
@@ -483,15 +484,15 @@ def test_stop_exits_6_naming_a_marked_process_that_survives(
     state = runtime.activate(rt.settings, A)
     runaway = escaped(rt, state)
     # We run as root here, so no process is truly beyond our signals: the kernel's EPERM is simulated for it.
-    real_send = runtime._send_signal
+    real_send = process._send_signal
 
     def refuse(proc: psutil.Process, sig: signal.Signals) -> None:
         if proc.pid == runaway.pid:
             raise psutil.AccessDenied(proc.pid)
         real_send(proc, sig)
 
-    monkeypatch.setattr(runtime, "_send_signal", refuse)
-    monkeypatch.setattr(runtime, "KILL_WAIT_S", 0.3)
+    monkeypatch.setattr(process, "_send_signal", refuse)
+    monkeypatch.setattr(process, "KILL_WAIT_S", 0.3)
     result = cli("activate-model", "--stop")
     assert result.code == 6
     assert f"could not stop {A!r}: pid(s) {runaway.pid} of its launch are still running after SIGKILL" in result.err
@@ -500,7 +501,7 @@ def test_stop_exits_6_naming_a_marked_process_that_survives(
     assert rt.state_json() is not None  # kept, so a later stop retries
     assert history.list_activations(rt.settings)[0]["result"] == "failed"
 
-    monkeypatch.setattr(runtime, "_send_signal", real_send)
+    monkeypatch.setattr(process, "_send_signal", real_send)
     again = cli("activate-model", "--stop")
     assert again.code == 0, again.err
     assert f"pids: {runaway.pid}" in again.out and "(SIGKILL)" in again.out
@@ -574,7 +575,7 @@ def test_corrupt_state_file_with_the_port_held_is_one_line_naming_file_holder_an
     # The operator's fix: stop the holder; the file then goes on the next stop.
     os.kill(state.pid, signal.SIGTERM)
     psutil.wait_procs([psutil.Process(state.pid)], timeout=10)
-    runtime._reap(state.pid)
+    process.reap(state.pid)
     assert cli("activate-model", "--stop").out.strip() == "no model active; nothing to stop"
     assert not path.exists() and rt.processes() == []
 
@@ -606,7 +607,7 @@ def test_concurrent_activations_end_with_one_backend_and_a_consistent_state(rt: 
 
 
 def test_activation_lock_wait_is_bounded_and_names_the_holder(rt: Runtime) -> None:
-    with runtime._activation_lock(rt.settings, 1, "a test holding the lock"):
+    with lock.activation_lock(rt.settings, 1, "a test holding the lock"):
         with pytest.raises(BackendError) as caught:
             runtime.stop(rt.settings, lock_timeout_s=0.3)
     assert f"another activation (pid {os.getpid()}: a test holding the lock since" in caught.value.message
@@ -640,10 +641,21 @@ def test_locked_entry_with_drift_is_refused_unless_forced(rt: Runtime, cli) -> N
 def test_locked_entry_refusal_uses_the_verifier_answer(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     from imageworks_core import verification
 
-    class Drift:
-        result, aggregate, expected = "drift", "aa", "bb"
-
-    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, fast=False, registry=None: Drift())
+    drift = verification.VerifyResult(
+        name=A,
+        result="drift",
+        mode="fast",
+        algorithm="sha256",
+        directory=DEMO_WEIGHTS,
+        aggregate="aa",
+        expected="bb",
+        locked=True,
+        file_count=1,
+        total_bytes=1,
+        bytes_read=0,
+        duration_s=0.0,
+    )
+    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, fast=False, registry=None: drift)
     entry = demo_entry(A, "test/alpha", version_lock={"locked": True, "expected_aggregate_sha256": "bb" * 32})
     rt.registry(entry)
     with pytest.raises(LockViolationError) as caught:
