@@ -39,7 +39,7 @@ from filelock import Timeout
 from pydantic import BaseModel, TypeAdapter
 
 from . import audit, history, journal
-from .errors import RegistryError, UnknownModelError, UnknownRevisionError, ValidationError
+from .errors import RegistryError, UnknownModelError, UnknownRevisionError, UsageError, ValidationError
 from .registry_file import (
     WRITE_LOCK_TIMEOUT_S,
     atomic_write_text,
@@ -466,6 +466,47 @@ def _entries_or_empty(path: Path, text: str | None) -> list[Any]:
 Events = list[tuple[str, dict[str, Any]]]
 
 
+@dataclass
+class LayerChange:
+    """What one mutation of a layer would do (the registry transaction's result, written or previewed)."""
+
+    path: Path
+    before: str | None
+    after: str
+    names: list[str]
+    registry: Registry
+
+    @property
+    def diff(self) -> str:
+        """Unified diff of the layer file (empty when nothing changes)."""
+        label = self.path.name
+        return "".join(
+            difflib.unified_diff(
+                (self.before or "").splitlines(keepends=True),
+                self.after.splitlines(keepends=True),
+                f"a/{label}",
+                f"b/{label}",
+            )
+        )
+
+
+def _plan(
+    settings: Settings, layer: Layer, compute: Callable[[str | None], tuple[list[Any], str]], before: str | None
+) -> LayerChange:
+    """The new layer text and the validated merged registry it gives (ValidationError when invalid)."""
+    path = _layer_path(settings, layer)
+    entries, new_text = compute(before)
+    other_path = _layer_path(settings, "discovered" if layer == "curated" else "curated")
+    problems: list[str] = []
+    other = _read_layer(other_path, problems)
+    if problems:
+        raise RegistryError(f"cannot write {path.name}: {other_path.name} is unreadable", problems)
+    curated_raw, discovered_raw = (entries, other) if layer == "curated" else (other, entries)
+    registry = build_registry(settings, curated_raw, discovered_raw)
+    names = _changed_names(_entries_or_empty(path, before), entries)
+    return LayerChange(path, before, new_text, names, registry)
+
+
 def _write_layer(
     settings: Settings,
     layer: Layer,
@@ -491,15 +532,8 @@ def _write_layer(
         with lock_for(path):
             journal.refuse_over_pending(settings, [path, *(extra_files or {})])
             before = read_current(path)
-            entries, new_text = compute(before)
-            other_path = _layer_path(settings, "discovered" if layer == "curated" else "curated")
-            problems: list[str] = []
-            other = _read_layer(other_path, problems)
-            if problems:
-                raise RegistryError(f"cannot write {path.name}: {other_path.name} is unreadable", problems)
-            curated_raw, discovered_raw = (entries, other) if layer == "curated" else (other, entries)
-            registry = build_registry(settings, curated_raw, discovered_raw)
-            names = _changed_names(_entries_or_empty(path, before), entries)
+            change = _plan(settings, layer, compute, before)
+            registry, new_text, names = change.registry, change.after, change.names
             files = [journal.FileChange(path, before, new_text, names)]
             files += [journal.FileChange(p, read_current(p), text, names) for p, text in (extra_files or {}).items()]
             if all(f.before == f.after for f in files):
@@ -536,6 +570,25 @@ def edit_layer(
     entries keep their exact bytes. A blank layer file, or a curated file missing from a root with history, is
     refused (RegistryError): restore it first rather than silently starting over.
     """
+    compute = _mutation(settings, layer, mutate)
+    return _write_layer(settings, layer, compute, command=command, actor=actor, events=events, extra_files=extra_files)
+
+
+def preview_edit(
+    settings: Settings, layer: Layer, mutate: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None]
+) -> LayerChange:
+    """Dry run of :func:`edit_layer`: the same mutation and validation, nothing locked or written.
+
+    Raises what the write would raise (ValidationError with every problem, UnknownModelError, ...).
+    """
+    path = _layer_path(settings, layer)
+    return _plan(settings, layer, _mutation(settings, layer, mutate), read_current(path))
+
+
+def _mutation(
+    settings: Settings, layer: Layer, mutate: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None]
+) -> Callable[[str | None], tuple[list[Any], str]]:
+    """``mutate`` as a computation of the layer's new entries and text from its current text."""
     path = _layer_path(settings, layer)
 
     def compute(text: str | None) -> tuple[list[Any], str]:
@@ -552,7 +605,7 @@ def edit_layer(
             return entries, splice(parsed, entries)
         return entries, parsed.text
 
-    return _write_layer(settings, layer, compute, command=command, actor=actor, events=events, extra_files=extra_files)
+    return compute
 
 
 def replace_layer_text(
@@ -590,6 +643,32 @@ def write_snapshot(settings: Settings, registry: Registry | None = None) -> Path
     return path
 
 
+def entry_update(
+    settings: Settings,
+    name: str,
+    changes: dict[str, Any],
+    *,
+    layer: Layer = "curated",
+    create: bool = False,
+    must_be_new: bool = False,
+) -> Callable[[list[dict[str, Any]]], None]:
+    """The mutation that sets top-level fields of one entry (``create``: add it when missing; ``must_be_new``:
+    refuse when it exists, judged under the lock like every read of a write)."""
+
+    def mutate(entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            if entry.get("name") == name:
+                if must_be_new:
+                    raise UsageError(f"{name!r} is already {layer}; edit it instead of importing it again")
+                entry.update(changes)
+                return
+        if not create:
+            raise UnknownModelError(f"{name!r} is not in the {layer} file {_layer_path(settings, layer)}", name=name)
+        entries.append({"name": name, **changes})
+
+    return mutate
+
+
 def update_entry(
     settings: Settings,
     name: str,
@@ -598,19 +677,11 @@ def update_entry(
     layer: Layer = "curated",
     command: str,
     create: bool = False,
+    must_be_new: bool = False,
     events: Events | None = None,
 ) -> Registry:
     """Set top-level fields of one entry in a layer (a value of ``None`` writes an explicit null)."""
-
-    def mutate(entries: list[dict[str, Any]]) -> None:
-        for entry in entries:
-            if entry.get("name") == name:
-                entry.update(changes)
-                return
-        if not create:
-            raise UnknownModelError(f"{name!r} is not in the {layer} file {_layer_path(settings, layer)}", name=name)
-        entries.append({"name": name, **changes})
-
+    mutate = entry_update(settings, name, changes, layer=layer, create=create, must_be_new=must_be_new)
     return edit_layer(settings, layer, mutate, command=command, events=events)
 
 

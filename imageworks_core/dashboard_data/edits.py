@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import history
-from ..errors import RegistryError, UnknownRevisionError, UsageError, ValidationError
-from ..registry import Registry, build_registry, load_registry, update_entry
-from ..registry_file import parse_entries, read_registry_text, splice
+from ..errors import ImageWorksError, UnknownRevisionError, UsageError
+from ..registry import Registry, entry_update, preview_edit, update_entry
 from ..schema import CAPABILITY_NAMES, Capabilities
 from ..settings import Settings
 
@@ -130,54 +129,25 @@ class CuratedPreview:
 def preview_curated_change(
     settings: Settings, name: str, changes: dict[str, Any], *, create: bool = False
 ) -> CuratedPreview:
-    """Dry run of ``update_entry(..., layer='curated')``: the diff it would write and every validation problem.
+    """Dry run of :func:`save_curated_change`: the diff it would write and every validation problem.
 
-    Validates the would-be merged registry with the same code the write path uses; writes nothing.
+    The registry transaction's own preview: the same mutation and validation as the write; nothing written.
     """
     preview = CuratedPreview(name, changes)
+    mutate = entry_update(settings, name, copy.deepcopy(changes), create=create, must_be_new=create)
     try:
-        parsed = read_registry_text(settings.curated_path)
-        discovered_text = (
-            settings.discovered_path.read_text(encoding="utf-8") if settings.discovered_path.exists() else ""
-        )
-        discovered = parse_entries(settings.discovered_path, discovered_text)[0]
-    except (RegistryError, OSError) as exc:
-        preview.problems = exc.lines() if isinstance(exc, RegistryError) else [f"cannot read the registry: {exc}"]
-        return preview
-    entries = copy.deepcopy(parsed.entries)
-    target = next((e for e in entries if isinstance(e, dict) and e.get("name") == name), None)
-    if target is None:
-        if not create:
-            preview.problems = [f"{name!r} is not in the curated file {settings.curated_path}"]
-            return preview
-        entries.append({"name": name, **copy.deepcopy(changes)})
-    else:
-        if create:
-            preview.problems = [f"{name!r} is already curated; edit it instead of importing it again"]
-            return preview
-        target.update(copy.deepcopy(changes))
-    try:
-        build_registry(settings, entries, discovered)
-    except ValidationError as exc:
+        preview.diff = preview_edit(settings, "curated", mutate).diff
+    except ImageWorksError as exc:
         preview.problems = exc.lines()
-        return preview
-    new_text = splice(parsed, entries)
-    label = settings.curated_path.name
-    preview.diff = "".join(
-        difflib.unified_diff(
-            parsed.text.splitlines(keepends=True), new_text.splitlines(keepends=True), f"a/{label}", f"b/{label}"
-        )
-    )
     return preview
 
 
 def save_curated_change(
     settings: Settings, name: str, changes: dict[str, Any], *, create: bool = False, command: str
 ) -> Registry:
-    """Write ``changes`` to the curated entry (atomic, validated, revision kept); raises on invalid input."""
-    if create and name in load_registry(settings=settings).curated:
-        raise UsageError(f"{name!r} is already curated; edit it instead of importing it again")
-    return update_entry(settings, name, changes, layer="curated", command=command, create=create)
+    """Write ``changes`` to the curated entry (atomic, validated, revision kept); ``create`` adds a new entry
+    and refuses one that is already curated. Raises on invalid input."""
+    return update_entry(settings, name, changes, command=command, create=create, must_be_new=create)
 
 
 # Import from Download History -----------------------------------------------------------------------------
