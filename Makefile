@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PORT ?= 8501
 
-.PHONY: run test bootstrap lint bench clean
+.PHONY: run test bootstrap lint bench clean check-wheel
 
 bootstrap:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -18,6 +18,10 @@ test: bootstrap
 
 lint: bootstrap
 	$(UV) run --frozen ruff check .
+
+# The wheel alone, in a fresh venv outside the checkout, serves the dashboard and the API (scripts/check_wheel.py).
+check-wheel: bootstrap
+	$(UV) run --frozen python scripts/check_wheel.py
 
 bench: bootstrap
 	$(UV) run --frozen python bench/registry_load.py

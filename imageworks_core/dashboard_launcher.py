@@ -1,4 +1,10 @@
-"""``imageworks-dashboard``: serve the Streamlit dashboard on 127.0.0.1 (never on all interfaces by default)."""
+"""``imageworks-dashboard``: serve the Streamlit dashboard on 127.0.0.1 (never on all interfaces by default).
+
+The Streamlit app sits beside this package: ``dashboard/`` in a checkout, ``imageworks_dashboard/`` when installed
+from the wheel (which ships the checkout's ``dashboard/`` under that name). Its settings (upload limit, XSRF
+protection, no error details in the browser) are in ``.streamlit/config.toml`` next to ``app.py``, which Streamlit
+reads as the script-level config wherever it is started from.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,17 @@ import typer
 
 from .settings import get_settings
 
-DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+def _find_app() -> Path:
+    """The dashboard's ``app.py``: the installed copy first, then the checkout's (returned even when missing)."""
+    base = Path(__file__).resolve().parent.parent
+    for folder in ("imageworks_dashboard", "dashboard"):
+        if (base / folder / "app.py").is_file():
+            return base / folder / "app.py"
+    return base / "dashboard" / "app.py"
+
+
+DASHBOARD_APP = _find_app()
 
 
 def streamlit_argv(port: int, address: str = "127.0.0.1", headless: bool = True) -> list[str]:
@@ -39,12 +55,16 @@ def _serve(
     address: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless behind an auth proxy.")] = "127.0.0.1",
 ) -> None:
     """Start the ImageWorks dashboard."""
+    if not DASHBOARD_APP.is_file():
+        typer.echo(f"Error: the dashboard app is missing ({DASHBOARD_APP}); reinstall imageworks-model-loader", err=True)
+        raise typer.Exit(1)
     settings = get_settings(root)
     os.environ["IMAGEWORKS_ROOT"] = str(settings.root)
     port = port or settings.dashboard_port
     typer.echo(f"ImageWorks dashboard on http://{address}:{port}  (root: {settings.root})")
-    # exec: signals (Ctrl-C, SIGTERM) go straight to Streamlit; the dashboard's working dir is the app's.
-    os.chdir(DASHBOARD_APP.parent.parent)
+    # exec: signals (Ctrl-C, SIGTERM) go straight to Streamlit. The working dir is the app's own, so no stray
+    # .streamlit/config.toml in the caller's directory is read as the project config.
+    os.chdir(DASHBOARD_APP.parent)
     argv = streamlit_argv(port, address)
     os.execv(argv[0], argv)
 
