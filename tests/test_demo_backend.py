@@ -6,6 +6,7 @@ Unit tests call :func:`describe_image` directly; the rest run the real server as
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import demo_argv, free_port
+from conftest import REPO, demo_argv, free_port
 from PIL import Image, ImageDraw, ImageFont
 
 from imageworks_core.probe import make_canonical_probe_image
@@ -421,3 +422,28 @@ def test_spawn_child_shares_the_process_group(start_backend: Callable[..., Backe
     _kill_group(backend.proc)
     child.wait(timeout=5)
     assert not child.is_running()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo is no part of the product
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+def test_the_core_and_the_dashboard_never_import_the_demo() -> None:
+    product = [*(REPO / "imageworks_core").rglob("*.py"), *(REPO / "dashboard").rglob("*.py")]
+    offenders = {
+        str(path.relative_to(REPO)): sorted(m for m in _imported_modules(path) if m.split(".")[0] == "imageworks_demo")
+        for path in product
+    }
+    assert len(product) > 20
+    assert {path: modules for path, modules in offenders.items() if modules} == {}
