@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from imageworks_core import history
 from imageworks_core.errors import RegistryError, UnknownModelError, ValidationError
@@ -252,16 +253,28 @@ def _big_registry(root: Settings, n: int) -> None:
 def test_sigkill_during_writes_never_leaves_a_torn_file(root: Settings) -> None:
     _big_registry(root, 3000)
     load_registry(force=True, settings=root)
-    kills = 0
+    kills = mid_write = 0
     for attempt in range(12):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(root.root), "model-00000", "1000"])
-        time.sleep(0.4 + 0.07 * attempt)
+        wait_until(
+            lambda proc=proc: proc.poll() is not None or history.pending_changes(root),
+            timeout=60,
+            what="the writer's first change in flight",
+            interval=0.005,
+        )
+        assert proc.poll() is None, "the writer exited before it was killed"
+        time.sleep(0.005 * (attempt % 4))  # jitter, not a wait: kills land at other steps of the protocol
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
+        kills += proc.returncode == -signal.SIGKILL
+        # Caught inside the write protocol: its intent is pending, or its temp file is still there.
+        temps = [p for p in root.configs_dir.iterdir() if p.name.endswith(".tmp")]
+        mid_write += bool(history.pending_changes(root) or temps)
         registry = load_registry(force=True, settings=root)  # parses and validates: old or new, never torn
         assert len(registry) == 3000
+        assert not history.pending_changes(root)  # the load settled the interrupted change
     assert kills == 12
+    assert mid_write > 0, "no kill landed inside a write: the test proved nothing"
     leftovers = [p.name for p in root.configs_dir.iterdir() if p.name.endswith(".tmp")]
     # A killed writer may leave its temp file; it is never the registry itself and loading ignores it.
     assert all(name.startswith(".model_registry") for name in leftovers)
