@@ -38,6 +38,22 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def wait_for_clock_tick_past(path: Path) -> None:
+    """Wait until the file system's clock has left the tick of ``path``'s ctime (coarse kernels tick every few
+    ms), so an edit made now gets a new ctime. Probes with a scratch file beside ``path``'s directory."""
+    probe = path.parent.parent / f".clock-probe-{os.getpid()}"
+    before = path.stat().st_ctime_ns
+
+    def ticked() -> bool:
+        probe.write_bytes(b"")
+        try:
+            return probe.stat().st_ctime_ns > before
+        finally:
+            probe.unlink()
+
+    wait_until(ticked, timeout=5, what=f"the clock to leave the ctime tick of {path}", interval=0.001)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 from api_server import api_server
+from conftest import wait_until
 
 from imageworks_core import history
 from imageworks_core.api import create_app
@@ -22,6 +23,11 @@ DEMO = "demo-vision_(CPU)"
 def api(root: Settings):
     with api_server(root.root) as base:
         yield base
+
+
+def _reloads(api: str) -> int:
+    """How many reloads the server has swapped in (a hand edit or a tool write adds one after its debounce)."""
+    return httpx.get(f"{api}/v1/registry/status").json()["reloads"]
 
 
 def test_healthz_and_models_list(api: str) -> None:
@@ -54,16 +60,18 @@ def test_select_success_and_every_404_reason(api: str, root: Settings) -> None:
     assert profile.status_code == 404 and profile.json()["error"]["reason"] == "profile"
     capability = httpx.post(f"{api}/v1/select", json={"name": "demo-text_(CPU)", "require_capabilities": ["vision"]})
     assert capability.status_code == 409 and capability.json()["error"]["missing"] == ["vision"]
+    reloads = _reloads(api)
     update_entry(root, "llava-7b_(ollama)", {"deprecated": True}, command="test")
-    time.sleep(1.0)  # hot reload picks it up
+    wait_until(lambda: _reloads(api) > reloads, timeout=10, what="the hot reload of the edit")
     deprecated = httpx.post(f"{api}/v1/select", json={"name": "llava-7b_(ollama)"})
     assert deprecated.status_code == 404 and deprecated.json()["error"]["reason"] == "deprecated"
 
 
 def test_select_locked_entry_whose_last_verification_drifted_is_423(api: str, root: Settings) -> None:
+    reloads = _reloads(api)
     update_entry(root, DEMO, {"version_lock": {"locked": True, "expected_aggregate_sha256": "0" * 64}}, command="t")
     history.record_verification(root, name=DEMO, mode="fast", algorithm="sha256", result="drift")
-    time.sleep(1.0)
+    wait_until(lambda: _reloads(api) > reloads, timeout=10, what="the hot reload of the lock")
     response = httpx.post(f"{api}/v1/select", json={"name": DEMO})
     assert response.status_code == 423
     assert response.json()["error"]["reason"] == "locked_drift"

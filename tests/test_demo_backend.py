@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import REPO, demo_argv, free_port
+from conftest import REPO, demo_argv, free_port, wait_until
 from PIL import Image, ImageDraw, ImageFont
 
 from imageworks_core.probe import make_canonical_probe_image
@@ -337,7 +337,7 @@ def test_errors_are_openai_shaped(server: Backend) -> None:
 
 def test_each_request_is_logged_with_status_and_time(server: Backend) -> None:
     httpx.get(f"{server.url}/health?probe=log")
-    time.sleep(0.1)
+    wait_until(lambda: "/health?probe=log" in server.log(), timeout=10, what="the request's log line")
     assert any(
         line.startswith("demo_backend: GET /health?probe=log 200 ") and line.endswith("ms")
         for line in server.log().splitlines()

@@ -6,12 +6,12 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import blake3
 import pytest
+from conftest import wait_for_clock_tick_past
 
 from imageworks_core import hashing
 from imageworks_core.errors import EXIT_WEIGHTS, UsageError, WeightsError
@@ -359,7 +359,7 @@ def flip_byte_keeping_mtime(path: Path, offset: int = 1000) -> None:
     st = path.stat()
     # On kernels with coarse file timestamps a change in the same clock tick as the hash keeps the ctime (the
     # documented racy window); wait it out so the test checks the key, not the clock.
-    time.sleep(0.02)
+    wait_for_clock_tick_past(path)
     with open(path, "r+b") as fh:
         fh.seek(offset)
         byte = fh.read(1)

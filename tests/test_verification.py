@@ -6,10 +6,9 @@ import difflib
 import json
 import os
 import sqlite3
-import time
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for_clock_tick_past
 
 from imageworks_core import history, runtime
 from imageworks_core.registry import load_registry
@@ -88,7 +87,7 @@ def test_fast_rehashes_only_changed_files_and_full_catches_a_restored_mtime_flip
     st = target.stat()
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF  # same size; restore mtime
-    time.sleep(0.02)  # out of the clock tick the lock hashed in (coarse timestamps, see imageworks_core.hashing)
+    wait_for_clock_tick_past(target)  # coarse timestamps, see imageworks_core.hashing
     target.write_bytes(bytes(data))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert verify_entry(root, DEMO, fast=True).result == "drift"  # the ctime moved: the stat cache misses it
@@ -148,7 +147,7 @@ def test_blake3_lock_verifies_with_blake3(root: Settings, cli) -> None:
 def tamper_in_place_keeping_mtime(path) -> None:
     """What `dd conv=notrunc` + `touch -r` do: new bytes, same inode, same size, the old mtime put back."""
     st = path.stat()
-    time.sleep(0.02)  # out of the clock tick the lock hashed in (coarse timestamps, see imageworks_core.hashing)
+    wait_for_clock_tick_past(path)  # coarse timestamps, see imageworks_core.hashing
     with open(path, "r+b") as fh:
         fh.seek(100)
         fh.write(b"TAMPERED")
