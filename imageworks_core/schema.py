@@ -7,8 +7,6 @@ models. Every model forbids unknown keys so a typo is an error, not a silently i
 from __future__ import annotations
 
 import re
-import types
-import typing
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -317,22 +315,3 @@ def json_schema() -> dict[str, Any]:
             },
         ],
     }
-
-
-def field_table() -> list[tuple[str, str, str]]:
-    """(field, type, description) rows for the README's generated table."""
-    return [(name, _type_label(field.annotation), field.description or "") for name, field in ModelEntry.model_fields.items()]
-
-
-def _type_label(annotation: Any) -> str:
-    """``str | None``, ``list[str]``: a readable type (constraints and validators are in the description)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Annotated:
-        return _type_label(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_label(a) for a in args)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in args)
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_label(a) for a in args)}]"
-    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
