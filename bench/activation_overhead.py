@@ -1,15 +1,16 @@
-"""Benchmark: what a model switch costs on top of the backend's own start, against the demo backend.
+"""Benchmark: what a model switch costs on top of the backend's own stop and start, against the demo backend.
 
 In one run, on one free loopback port in a temporary root:
 
 1. the backend alone: ``Popen`` + poll ``/health`` every 10 ms (its own start-to-healthy time), then SIGTERM
-   and wait (its own stop time);
+   and poll for its exit every 1 ms (its own stop time);
 2. ours: ``runtime.activate`` alternating between two demo entries (each switch stops one and starts the other),
    in-process as the API server and dashboard call it, and through the CLI (``python -m imageworks_core.cli``);
 3. the llama-swap way: a plain script that kills the old process, starts the new one and polls ``/health``
    once a second.
 
-Overhead = switch time - the backend's own start-to-healthy time (median). Target: under 0.5 s per switch.
+Overhead = switch time - (the backend's own stop time + its own start-to-healthy time), medians. Target: at
+most 0.1 s per switch. (Earlier runs reported switch time - start-to-healthy only; that figure is printed too.)
 Run: ``uv run python bench/activation_overhead.py [--switches N]``.
 """
 
@@ -34,7 +35,7 @@ import httpx
 from imageworks_demo.launch import demo_argv, demo_launch
 
 REPO = Path(__file__).resolve().parent.parent
-TARGET_OVERHEAD_S = 0.5
+TARGET_OVERHEAD_S = 0.1
 ENTRIES = {"bench-a_(CPU)": "bench/a", "bench-b_(CPU)": "bench/b"}
 
 
@@ -77,9 +78,14 @@ def wait_healthy(client: httpx.Client, port: int, interval_s: float, deadline_s:
     raise RuntimeError(f"backend on port {port} not healthy within {deadline_s}s")
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes], deadline_s: float = 15.0) -> None:
+    """SIGTERM the group and wait for the exit, polled every 1 ms (``Popen.wait`` sleeps up to 50 ms)."""
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=15)
+    end = time.monotonic() + deadline_s
+    while proc.poll() is None:
+        if time.monotonic() > end:
+            raise RuntimeError(f"backend pid {proc.pid} still running {deadline_s}s after SIGTERM")
+        time.sleep(0.001)
 
 
 def backend_alone(port: int, n: int) -> tuple[list[float], list[float]]:
@@ -189,27 +195,28 @@ def main() -> int:
         ["method", "median s", "min s", "max s", "overhead s"],
         summary("backend alone: start-to-healthy (10 ms poll)", starts, None),
         summary("backend alone: SIGTERM to exit", stops, None),
-        summary("ours: activate() switch (in-process)", api, start_s),
-        summary("ours: `imageworks-models activate-model` (CLI)", cli, start_s),
-        summary("llama-swap way: kill, start, poll /health 1 s", swap, start_s),
+        summary("ours: activate() switch (in-process)", api, stop_s + start_s),
+        summary("ours: `imageworks-models activate-model` (CLI)", cli, stop_s + start_s),
+        summary("llama-swap way: kill, start, poll /health 1 s", swap, stop_s + start_s),
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for i, row in enumerate(table):
         print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    overhead = statistics.median(api) - start_s
+    overhead = statistics.median(api) - stop_s - start_s
     print()
     print(
         f"recorded by the runtime (medians): stop {recorded_stop:.3f} s, start-to-ready {recorded_start:.3f} s "
         f"(backend alone: stop {stop_s:.3f} s, start-to-healthy {start_s:.3f} s)"
     )
     print(
-        f"overhead per switch (in-process): {overhead:.3f} s "
-        f"({'within' if overhead < TARGET_OVERHEAD_S else 'OVER'} the {TARGET_OVERHEAD_S} s target); "
-        f"llama-swap way: {statistics.median(swap) - start_s:.3f} s"
+        f"overhead per switch (in-process) beyond the backend's own stop + start: {overhead:.3f} s "
+        f"({'within' if overhead <= TARGET_OVERHEAD_S else 'OVER'} the {TARGET_OVERHEAD_S} s target); "
+        f"llama-swap way: {statistics.median(swap) - stop_s - start_s:.3f} s; "
+        f"switch minus start-to-healthy only (the earlier figure): {statistics.median(api) - start_s:.3f} s"
     )
-    return 0 if overhead < TARGET_OVERHEAD_S else 1
+    return 0 if overhead <= TARGET_OVERHEAD_S else 1
 
 
 if __name__ == "__main__":

@@ -287,8 +287,12 @@ def splice(parsed: RegistryText, new_entries: list[dict[str, Any]]) -> str:
     return text[: parsed.array_open + 1] + body + text[parsed.array_close :]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via temp file + fsync + ``os.replace`` (+ directory fsync), keeping the file's mode."""
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write via temp file + fsync + ``os.replace`` (+ directory fsync), keeping the file's mode.
+
+    ``durable=False`` skips both fsyncs: the file is still replaced whole (a crashed writer leaves the old or
+    the new content), but a power cut may lose the write. Only for files that describe nothing surviving one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -296,7 +300,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
         crash_point("tmp")
         os.replace(tmp_name, path)
@@ -306,6 +311,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

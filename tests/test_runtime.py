@@ -739,3 +739,12 @@ def test_e2e_transformers_serve_activate_switch_stop(rt: Runtime, cli) -> None:
     assert all(gone(pid) for pid in workers) and rt.served_ids() == ["test/alpha"]
     assert cli("activate-model", "--stop").code == 0
     assert rt.processes() == []
+
+
+def test_readiness_is_polled_fast_at_first_and_backs_off() -> None:
+    from imageworks_core.runtime.readiness import READY_POLL_MAX_S, READY_POLL_MIN_S, poll_delay
+
+    assert poll_delay(0.0) == READY_POLL_MIN_S == 0.01
+    assert poll_delay(0.08) == READY_POLL_MIN_S  # a backend up in 80 ms is seen within 10 ms
+    assert poll_delay(2.0) == pytest.approx(0.2)  # then a tenth of the time waited
+    assert poll_delay(600.0) == READY_POLL_MAX_S == 0.5

@@ -1,6 +1,10 @@
 """The state file ``_staging/active_vllm.json``: what we started on the single port, and the status report.
 
-Written atomically (temp file, fsync, rename), so a reader sees the old or the new state, never half of one.
+Written atomically (temp file, rename), so a reader sees the old or the new state, never half of one, and an
+activator killed at any point leaves one or the other. Not fsynced: the file describes processes, and none
+survives the power cut or kernel crash that alone could lose an unsynced write (an empty or torn file then is
+an unreadable state, removed once the port is free: see :mod:`.activate`). That saves two fsyncs on each of
+the three writes of an activation.
 The file is a record, not a proof: before anything is signalled on its account, :mod:`.process` checks the
 recorded pid and create time against the live process. A file that does not parse is reported, never guessed
 at (:func:`read_state` raises, :func:`read_state_lenient` returns the problem).
@@ -99,8 +103,8 @@ def read_state_lenient(settings: Settings) -> tuple[ActiveState | None, str | No
 
 
 def write_state(settings: Settings, state: ActiveState) -> None:
-    """Replace the state file atomically."""
-    atomic_write_text(settings.active_state_path, state.model_dump_json(indent=2) + "\n")
+    """Replace the state file atomically (not durably: see the module docstring)."""
+    atomic_write_text(settings.active_state_path, state.model_dump_json(indent=2) + "\n", durable=False)
 
 
 def clear_state(settings: Settings) -> None:
