@@ -134,19 +134,6 @@ def revision_path(settings: Settings, stored: str) -> Path:
     return path
 
 
-def record_revision(
-    settings: Settings, file: str | Path, before: str, after: str, actor: str, command: str, names: list[str]
-) -> int:
-    """Keep ``before`` (the previous content) as an applied revision; returns its id."""
-    with connect(settings) as conn:
-        cur = conn.execute(
-            "INSERT INTO revisions (file, at, actor, command, before_text, after_text, names)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (stored_path(settings, Path(file)), now_iso(), actor, command, before, after, json.dumps(names)),
-        )
-        return int(cur.lastrowid or 0)
-
-
 def record_change(
     settings: Settings,
     change_id: str,
