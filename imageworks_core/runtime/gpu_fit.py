@@ -13,11 +13,14 @@ from .. import gpu
 from ..errors import BackendError
 from ..schema import ModelEntry
 from ..settings import Settings
+from .readiness import poll_delay
 
 GPU_RELEASE_TIMEOUT_S = 10.0
 """After a stop: how long to wait for the driver to release the stopped processes' GPU memory."""
-GPU_RELEASE_POLL_S = 0.25
-"""How often the driver is asked during that wait."""
+GPU_RELEASE_POLL_MIN_S = 0.02
+"""The shortest pause between asking the driver during that wait (the first ones: release is usually quick)."""
+GPU_RELEASE_POLL_MAX_S = 0.25
+"""The longest; in between the pause backs off as the readiness poll does (:func:`.readiness.poll_delay`)."""
 
 
 def _cuda_devices(entry: ModelEntry) -> list[int] | None:
@@ -94,9 +97,9 @@ def wait_gpu_release(pids: list[int]) -> tuple[bool | None, str | None]:
     held = _gpu_pids_present(set(pids))
     if held is None:
         return None, None
-    deadline = time.monotonic() + GPU_RELEASE_TIMEOUT_S
-    while held and time.monotonic() < deadline:
-        time.sleep(GPU_RELEASE_POLL_S)
+    started = time.monotonic()
+    while held and time.monotonic() - started < GPU_RELEASE_TIMEOUT_S:
+        time.sleep(poll_delay(time.monotonic() - started, GPU_RELEASE_POLL_MIN_S, GPU_RELEASE_POLL_MAX_S))
         held = _gpu_pids_present(set(pids))
     if held:
         return False, (

@@ -85,9 +85,10 @@ def check_ready(client: httpx.Client, root: str, health_path: str, served_id: st
     return True, "healthy"
 
 
-def poll_delay(waited_s: float) -> float:
-    """The pause before the next readiness check, ``waited_s`` after the spawn (see the module docstring)."""
-    return min(READY_POLL_MAX_S, max(READY_POLL_MIN_S, waited_s * READY_POLL_BACKOFF))
+def poll_delay(waited_s: float, low_s: float = READY_POLL_MIN_S, high_s: float = READY_POLL_MAX_S) -> float:
+    """The pause before the next check, ``waited_s`` into a wait: ``READY_POLL_BACKOFF`` of the time waited,
+    between ``low_s`` and ``high_s`` (by default the readiness poll's bounds; see the module docstring)."""
+    return min(high_s, max(low_s, waited_s * READY_POLL_BACKOFF))
 
 
 def wait_ready(
