@@ -37,6 +37,10 @@ def endpoint_for(entry: ModelEntry, settings: Settings) -> str:
 
 def auth_headers(entry: ModelEntry | None) -> dict[str, str]:
     """``{"Authorization": "Bearer <key>"}`` when the entry's ``api_key_env`` is set and non-empty, else ``{}``."""
-    key_env = entry.backend_config.api_key_env if entry is not None else None
+    return key_env_headers(entry.backend_config.api_key_env if entry is not None else None)
+
+
+def key_env_headers(key_env: str | None) -> dict[str, str]:
+    """The same rule for a bare variable name (a front end testing an endpoint several entries share)."""
     key = os.environ.get(key_env) if key_env else None
     return {"Authorization": f"Bearer {key}"} if key else {}
