@@ -7,6 +7,11 @@ endpoint, an ollama behind a gateway, a vLLM started with ``--api-key``). An ent
 whose variable is unset or empty, gets no Authorization header. The key is read from the environment at call
 time and is never logged, recorded in history or written to the state file; an error message names the
 variable, never its value.
+
+Adversary: the key goes wherever the entry's endpoint points. For a process backend that is the single port on
+loopback; activation refuses a port held by a stranger before it starts, but a local process that binds the
+port in the moment between that check and the backend's own bind would receive the readiness checks, key
+included. Give such a backend a key only on a host whose local users you trust with it.
 """
 
 from __future__ import annotations
