@@ -119,6 +119,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     """
     check_bind(settings, bind_host)
     service = ImageWorks(settings)
+    service.reload()  # load now (a failure is audited), not on the first request
 
     # The proxy asks "is this model serving?" on every request: answer from a 1 s cache keyed by the state
     # file's stat, so the hot path costs one stat() instead of a JSON parse and a process lookup.
@@ -141,9 +142,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         return answers[name]
 
     def activate(name: str) -> Any:
-        from . import runtime
-
-        return runtime.activate(settings, name, registry=service.registry)
+        return service.activate(name)
 
     coordinator = SwitchCoordinator(settings, activate, is_active)
 
@@ -200,18 +199,13 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     @app.post("/v1/verify")
     async def verify(request: VerifyRequest) -> JSONResponse:
-        from .verification import verify_entry
-
-        result = await asyncio.to_thread(
-            verify_entry, settings, request.name, fast=request.fast, registry=service.registry
-        )
+        result = await asyncio.to_thread(service.verify, request.name, fast=request.fast)
         data = result.to_dict()
         return JSONResponse(data, status_code=409 if result.result == "drift" else 200)
 
     @app.post("/v1/probe/vision")
     async def probe_vision(request: Request) -> JSONResponse:
         from .probe import MAX_IMAGE_BYTES
-        from .probe import probe_vision as run_probe
 
         content_type = request.headers.get("content-type", "")
         image_bytes, image_name = None, None
@@ -230,9 +224,7 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
                 raise UsageError('send JSON {"name": ...} or multipart form fields name (+ image)') from exc
         if not name:
             raise UsageError("'name' is required")
-        result = await asyncio.to_thread(
-            run_probe, settings, name, image_bytes=image_bytes, image_name=image_name, registry=service.registry
-        )
+        result = await asyncio.to_thread(service.probe, name, image_bytes=image_bytes, image_name=image_name)
         return JSONResponse(result.to_dict())
 
     @app.post("/v1/activate")
@@ -251,18 +243,14 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     @app.post("/v1/deactivate")
     async def deactivate() -> dict[str, Any]:
-        from . import runtime
-
         if coordinator.switching_to:
             raise SwitchInProgress(coordinator.switching_to)
-        result = await asyncio.to_thread(runtime.stop, settings, reason="api deactivate")
+        result = await asyncio.to_thread(service.stop, reason="api deactivate")
         return {"stopped": result is not None}
 
     @app.get("/v1/active")
     async def active() -> dict[str, Any]:
-        from . import runtime
-
-        status = await asyncio.to_thread(runtime.current, settings)
+        status = await asyncio.to_thread(service.current)
         return {"active": status.model_dump(mode="json") if status else None, "switching_to": coordinator.switching_to}
 
     @app.get("/v1/registry/status")

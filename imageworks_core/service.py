@@ -15,7 +15,7 @@ import shlex
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import audit, history
 from .errors import LockViolationError, RegistryError
@@ -23,6 +23,13 @@ from .registry import Registry, load_registry
 from .schema import ModelEntry
 from .selection import Selection, select_model
 from .settings import Settings, get_settings
+
+if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing the registry stays fast
+    from .hashing import Algorithm, ProgressCallback
+    from .probe import ProbeResult
+    from .runtime import ActiveState, ActiveStatus, StopResult
+    from .runtime import ProgressCallback as ActivationProgress
+    from .verification import VerifyResult
 
 LockState = Literal["locked", "pinned", "unlocked"]
 WeightsState = Literal["present", "missing", "n/a"]
@@ -95,19 +102,23 @@ class ImageWorks:
     (a cheap re-check of the files, cached by their stat) swap in a newer one only when it is valid.
     """
 
-    def __init__(self, settings: Settings | None = None, *, load: bool = True) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self._lock = threading.Lock()
         self._registry: Registry | None = None
         self._error: RegistryError | None = None
         self._status = RegistryStatus()
-        if load:
+        self._loaded = False  # the first load happens on first use: stopping a backend needs no registry
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
             self._load(force=True, audited=False)
 
     # The registry --------------------------------------------------------------------------------------------
     @property
     def registry(self) -> Registry:
         """The last good registry (RegistryError with the problems when none ever loaded)."""
+        self._ensure_loaded()
         with self._lock:
             if self._registry is None:
                 raise self._error or RegistryError("no valid registry loaded yet", self._status.errors)
@@ -115,17 +126,20 @@ class ImageWorks:
 
     @property
     def has_registry(self) -> bool:
+        self._ensure_loaded()
         with self._lock:
             return self._registry is not None
 
     @property
     def registry_status(self) -> RegistryStatus:
+        self._ensure_loaded()
         with self._lock:
             return self._status
 
     @property
     def registry_error(self) -> RegistryError | None:
         """Why the files on disk are not what is served (None when they are)."""
+        self._ensure_loaded()
         with self._lock:
             return self._error
 
@@ -139,6 +153,7 @@ class ImageWorks:
         return self._load(force=False, audited=False)
 
     def _load(self, *, force: bool, audited: bool) -> RegistryStatus:
+        self._loaded = True
         attempt = history.now_iso()
         try:
             registry = load_registry(force=force, settings=self.settings)
@@ -217,3 +232,80 @@ class ImageWorks:
         if status.drifted:
             raise drift_violation(status)
         return selection
+
+    # Actions ---------------------------------------------------------------------------------------------------
+    # Each takes the entry from the registry this service serves (the last good one), and refreshes it after a
+    # write, so the next answer reflects the change.
+    def verify(
+        self,
+        name: str,
+        *,
+        fast: bool = False,
+        algorithm: Algorithm | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> VerifyResult:
+        """Hash the entry's weights and compare with its lock (recorded in history; never raises on drift)."""
+        from .verification import verify_entry
+
+        return verify_entry(
+            self.settings, name, fast=fast, algorithm=algorithm, progress=progress, registry=self.registry
+        )
+
+    def lock(
+        self,
+        name: str,
+        *,
+        set_expected: bool = False,
+        algorithm: Algorithm = "sha256",
+        progress: ProgressCallback | None = None,
+    ) -> VerifyResult | None:
+        """Lock the entry (``set_expected``: full read, pin the aggregate and write the manifest)."""
+        from .verification import lock_entry
+
+        try:
+            return lock_entry(self.settings, name, set_expected=set_expected, algorithm=algorithm, progress=progress)
+        finally:
+            self.refresh()
+
+    def unlock(self, name: str, *, reason: str) -> None:
+        """Unlock the entry, keeping the pin; the reason is audited."""
+        from .verification import unlock_entry
+
+        try:
+            unlock_entry(self.settings, name, reason=reason)
+        finally:
+            self.refresh()
+
+    def activate(
+        self,
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        force: bool = False,
+        on_progress: ActivationProgress | None = None,
+    ) -> ActiveState:
+        """Make the entry the backend on the single port (see :func:`imageworks_core.runtime.activate`)."""
+        from . import runtime
+
+        return runtime.activate(
+            self.settings, name, timeout_s=timeout_s, force=force, on_progress=on_progress, registry=self.registry
+        )
+
+    def stop(self, *, reason: str = "", lock_timeout_s: float | None = None) -> StopResult | None:
+        """Stop the active backend (None when nothing was active)."""
+        from . import runtime
+
+        return runtime.stop(self.settings, reason=reason, lock_timeout_s=lock_timeout_s)
+
+    def current(self, *, check_health: bool = True) -> ActiveStatus | None:
+        """What serves on the single port now; never signals a process."""
+        from . import runtime
+
+        return runtime.current(self.settings, check_health=check_health)
+
+    def probe(self, name: str, image_path: Any = None, **options: Any) -> ProbeResult:
+        """Prove the entry really sees (see :func:`imageworks_core.probe.probe_vision` for ``options``)."""
+        from .probe import probe_vision
+
+        return probe_vision(self.settings, name, image_path, registry=self.registry, **options)
+

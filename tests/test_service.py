@@ -45,6 +45,7 @@ def test_no_registry_ever_is_the_load_error_itself(root: Settings) -> None:
 
 def test_refresh_picks_up_a_valid_edit(root: Settings) -> None:
     iw = ImageWorks(root)
+    assert DEMO in iw.registry  # loaded on first use
     entries = json.loads(root.curated_path.read_text())
     entries.append({"name": "added", "backend": "openai", "backend_config": {"base_url": "http://127.0.0.1:9/v1"}})
     root.curated_path.write_text(json.dumps(entries))

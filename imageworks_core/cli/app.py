@@ -7,13 +7,16 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.exceptions import TyperException
 
 from ..errors import EXIT_UNEXPECTED, EXIT_USAGE, ImageWorksError
 from ..settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ..service import ImageWorks
 
 app = typer.Typer(
     name="imageworks-models",
@@ -41,6 +44,13 @@ def _callback(root: RootOpt = None) -> None:
 def settings_for(root: Path | None) -> Settings:
     """Settings from a command's ``--root``, else the global ``--root``, else the environment."""
     return get_settings(root or _global["root"])
+
+
+def service_for(root: Path | None) -> ImageWorks:
+    """The service object for a command's root (as :func:`settings_for` finds it); its registry loads on use."""
+    from ..service import ImageWorks
+
+    return ImageWorks(settings_for(root))
 
 
 def echo_json(data: Any) -> None:

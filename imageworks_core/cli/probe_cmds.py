@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_BACKEND
-from .app import JsonOpt, RootOpt, app, echo_json, settings_for
+from .app import JsonOpt, RootOpt, app, echo_json, service_for
 
 
 @app.command("probe-vision")
@@ -30,11 +30,9 @@ def probe_vision_cmd(
     root: RootOpt = None,
 ) -> None:
     """Prove a model really sees: send an image, check the answer (exit 0 vision_ok, 6 failed, 64 bad image)."""
-    from ..probe import DEFAULT_MAX_TOKENS, probe_vision  # imported on use: httpx and Pillow are slow to import
+    from ..probe import DEFAULT_MAX_TOKENS  # imported on use: httpx and Pillow are slow to import
 
-    settings = settings_for(root)
-    result = probe_vision(
-        settings,
+    result = service_for(root).probe(
         name,
         image,
         activate=activate,

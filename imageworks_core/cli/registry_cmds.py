@@ -15,8 +15,8 @@ from ..launch import preview_launch
 from ..registry import Registry, filter_entries, load_registry, rollback, write_snapshot
 from ..schema import CAPABILITY_NAMES, ModelEntry, json_schema
 from ..selection import endpoint_for
-from ..service import EntryStatus, ImageWorks
-from .app import JsonOpt, RootOpt, app, echo_json, format_table, settings_for
+from ..service import EntryStatus
+from .app import JsonOpt, RootOpt, app, echo_json, format_table, service_for, settings_for
 
 
 def entry_summary(registry: Registry, entry: ModelEntry, status: EntryStatus) -> dict:
@@ -55,10 +55,9 @@ def list_cmd(
     root: RootOpt = None,
 ) -> None:
     """List the merged registry (curated over discovered)."""
-    settings = settings_for(root)
     if capability and capability not in CAPABILITY_NAMES:
         raise UsageError(f"unknown capability {capability!r}; valid: {', '.join(CAPABILITY_NAMES)}")
-    service = ImageWorks(settings)
+    service = service_for(root)
     registry = service.registry
     entries = filter_entries(
         registry, role=role, capability=capability, backend=backend, profile=profile, include_testing=include_testing
@@ -95,8 +94,8 @@ def show_cmd(
     root: RootOpt = None,
 ) -> None:
     """Show one merged entry and the layer each field came from."""
-    settings = settings_for(root)
-    service = ImageWorks(settings)
+    service = service_for(root)
+    settings = service.settings
     registry = service.registry
     entry = registry.get(name)
     provenance = registry.provenance(entry.name)
@@ -185,9 +184,8 @@ def select_cmd(
     """Resolve a name or role to an endpoint (exit 4 unknown/filtered, 5 capability mismatch)."""
     if (name is None) == (role is None):
         raise UsageError("give a NAME or --role ROLE (exactly one)")
-    settings = settings_for(root)
     required = [c for c in (require or "").split(",") if c.strip()]
-    selection = ImageWorks(settings).select(name=name, role=role, require_capabilities=required, profile=profile)
+    selection = service_for(root).select(name=name, role=role, require_capabilities=required, profile=profile)
     if as_json:
         echo_json(selection.to_dict())
         return

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import UsageError
 from ..gpu import NO_GPU_MESSAGE
-from .app import JsonOpt, RootOpt, app, echo_json, settings_for
+from .app import JsonOpt, RootOpt, app, echo_json, service_for
 
 if TYPE_CHECKING:
     from .. import runtime
@@ -94,13 +94,11 @@ def activate_model_cmd(
 
     Exit codes: 6 backend failure (log tail printed), 2 locked weights drifted, 7 weights missing, 4 unknown name.
     """
-    settings = settings_for(root)
+    service = service_for(root)
     if stop == (name is not None):
         raise UsageError("give a model NAME to activate, or --stop (not both)")
     if stop:
-        from .. import runtime  # imported on use: keeps `imageworks-models list` and --help fast
-
-        result = runtime.stop(settings, reason="activate-model --stop")
+        result = service.stop(reason="activate-model --stop")
         if as_json:
             echo_json(result.to_dict() if result else None)
         elif result is None:
@@ -116,9 +114,7 @@ def activate_model_cmd(
         return
     assert name is not None
     with Spinner(f"activating {name}") as spinner:
-        from .. import runtime
-
-        state = runtime.activate(settings, name, timeout_s=timeout, force=force, on_progress=spinner)
+        state = service.activate(name, timeout_s=timeout, force=force, on_progress=spinner)
     if as_json:
         echo_json(state.model_dump(mode="json"))
         return
@@ -177,10 +173,7 @@ def current_model_cmd(
     root: RootOpt = None,
 ) -> None:
     """Show the active backend: name, endpoint, uptime, status, health and GPU memory (stale state is cleaned)."""
-    settings = settings_for(root)
-    from .. import runtime
-
-    status = runtime.current(settings, check_health=not no_health)
+    status = service_for(root).current(check_health=not no_health)
     if as_json:
         echo_json(status.model_dump(mode="json") if status else None)
         return

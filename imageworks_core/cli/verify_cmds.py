@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..verification import lock_entry, unlock_entry, verify_entry
-from .app import JsonOpt, RootOpt, app, echo_json, settings_for
+from .app import JsonOpt, RootOpt, app, echo_json, service_for
 
 AlgorithmOpt = Annotated[
     str | None, typer.Option("--algorithm", help="sha256 (default; equals HF LFS sha256) or blake3.")
@@ -58,10 +57,9 @@ def verify_cmd(
     root: RootOpt = None,
 ) -> None:
     """Hash the entry's weights and compare with its lock (exit 0 match/unpinned, 2 drift, 7 missing)."""
-    settings = settings_for(root)
     bar = ProgressBar(f"verify {name}")
     try:
-        result = verify_entry(settings, name, fast=fast, algorithm=_algorithm(algorithm), progress=bar)  # type: ignore[arg-type]
+        result = service_for(root).verify(name, fast=fast, algorithm=_algorithm(algorithm), progress=bar)  # type: ignore[arg-type]
     finally:
         bar.close()
     if as_json:
@@ -83,11 +81,10 @@ def lock_cmd(
     root: RootOpt = None,
 ) -> None:
     """Lock an entry's version (with --set-expected: pin the current weights from a full read)."""
-    settings = settings_for(root)
     bar = ProgressBar(f"lock {name}")
     try:
-        result = lock_entry(
-            settings, name, set_expected=set_expected, algorithm=_algorithm(algorithm) or "sha256", progress=bar
+        result = service_for(root).lock(
+            name, set_expected=set_expected, algorithm=_algorithm(algorithm) or "sha256", progress=bar
         )  # type: ignore[arg-type]
     finally:
         bar.close()
@@ -109,6 +106,6 @@ def unlock_cmd(
     root: RootOpt = None,
 ) -> None:
     """Unlock an entry (keeps the expected hash; the reason goes to the audit log)."""
-    settings = settings_for(root)
-    unlock_entry(settings, name, reason=reason)
-    typer.echo(f"{name}: unlocked (reason recorded in {settings.audit_log_path})")
+    service = service_for(root)
+    service.unlock(name, reason=reason)
+    typer.echo(f"{name}: unlocked (reason recorded in {service.settings.audit_log_path})")
