@@ -309,3 +309,11 @@ class ImageWorks:
 
         return probe_vision(self.settings, name, image_path, registry=self.registry, **options)
 
+    def rollback(self, rev: int, *, command: str | None = None) -> Registry:
+        """Restore a layer file to revision ``rev`` (itself a revision); the new registry is served at once."""
+        from .registry import rollback
+
+        try:
+            return rollback(self.settings, rev, command=command)
+        finally:
+            self.refresh()

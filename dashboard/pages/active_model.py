@@ -40,7 +40,7 @@ def host_panel() -> None:
 def status_panel(settings: Settings) -> None:
     """Current model, endpoint, status, uptime, health; GPU cards; host figures; log tail."""
     try:
-        status = runtime.current(settings)
+        status = dd.service_for(settings).current()
     except Exception as exc:  # an unreadable state must not take the page down
         ui.show_error(exc, "Reading the active model")
         status = None
@@ -76,11 +76,11 @@ def live_status(settings: Settings) -> None:
 
 # Start / switch / stop ----------------------------------------------------------------------------------------
 def _activate_work(settings: Settings, name: str, force: bool) -> jobs.Work:
-    return lambda report: runtime.activate(settings, name, force=force, on_progress=report)
+    return lambda report: dd.service_for(settings).activate(name, force=force, on_progress=report)
 
 
 def _stop_work(settings: Settings) -> jobs.Work:
-    return lambda report: runtime.stop(settings, reason="stopped from the dashboard")
+    return lambda report: dd.service_for(settings).stop(reason="stopped from the dashboard")
 
 
 def _ask(action: str, current: str | None) -> None:
@@ -161,7 +161,7 @@ def render_activation_outcome(job: jobs.Job) -> None:
 def active_name(settings: Settings) -> str | None:
     """The model serving (or starting on) the single port, from the state file (no health request)."""
     try:
-        status = runtime.current(settings, check_health=False)
+        status = dd.service_for(settings).current(check_health=False)
     except Exception:  # the status panel shows the error; controls just assume nothing runs
         return None
     return status.name if status is not None and status.status in ("ready", "starting") else None

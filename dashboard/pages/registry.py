@@ -15,13 +15,12 @@ from imageworks_core import dashboard_data as dd
 from imageworks_core import history
 from imageworks_core.errors import ImageWorksError, UsageError
 from imageworks_core.hashing import DriftReport
-from imageworks_core.registry import Registry, filter_entries, rollback
+from imageworks_core.registry import Registry, filter_entries
 from imageworks_core.schema import CAPABILITY_NAMES, KNOWN_ROLES, Backend, ModelEntry
 from imageworks_core.selection import endpoint_for
 from imageworks_core.service import EntryStatus
 from imageworks_core.settings import Settings
 from imageworks_core.units import format_bytes
-from imageworks_core.verification import lock_entry, unlock_entry, verify_entry
 
 TABLE_COLUMNS = {
     "name": st.column_config.TextColumn("Name", pinned=True),
@@ -48,11 +47,11 @@ TABLE_COLUMNS = {
 
 # Verify Hash --------------------------------------------------------------------------------------------------
 def _verify_work(settings: Settings, name: str) -> jobs.Work:
-    return lambda report: verify_entry(settings, name, progress=report)
+    return lambda report: dd.service_for(settings).verify(name, progress=report)
 
 
 def _lock_work(settings: Settings, name: str) -> jobs.Work:
-    return lambda report: lock_entry(settings, name, set_expected=True, progress=report)
+    return lambda report: dd.service_for(settings).lock(name, set_expected=True, progress=report)
 
 
 def render_hash_progress(job: jobs.Job) -> None:
@@ -142,7 +141,7 @@ def verify_section(settings: Settings, entry: ModelEntry) -> None:
 def _unlock(settings: Settings, name: str, reason_key: str) -> None:
     reason = str(st.session_state.get(reason_key) or "").strip()
     try:
-        unlock_entry(settings, name, reason=reason)
+        dd.service_for(settings).unlock(name, reason=reason)
     except ImageWorksError as exc:
         st.session_state[f"outcome:lock:{name}"] = ("error", exc)
         return
@@ -438,7 +437,7 @@ def rollback_confirm(settings: Settings, rev: int) -> None:
     left, right = st.columns(2)
     if left.button("Confirm rollback", type="primary"):
         try:
-            rollback(settings, rev, command=f"dashboard: rollback {rev}")
+            dd.service_for(settings).rollback(rev, command=f"dashboard: rollback {rev}")
         except ImageWorksError as exc:
             ui.show_error(exc, "Rollback")
             return

@@ -3,8 +3,6 @@ and the audit log."""
 
 from __future__ import annotations
 
-import os
-
 import pandas as pd
 import streamlit as st
 import ui
@@ -19,8 +17,7 @@ def _request_reload() -> None:
 
 
 def _test(index: int, endpoint: str, api_key_env: str | None) -> None:
-    api_key = os.environ.get(api_key_env) if api_key_env else None
-    st.session_state[f"connection:{index}"] = dd.check_connection(endpoint, api_key=api_key)
+    st.session_state[f"connection:{index}"] = dd.check_connection(endpoint, key_env=api_key_env)
 
 
 def backends_tab(settings: Settings, registry: Registry | None, reloaded: dd.RegistryView | None) -> None:

@@ -19,8 +19,8 @@ IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
 def _probe_work(
     settings: Settings, name: str, image: bytes | None, image_name: str | None, activate: bool
 ) -> jobs.Work:
-    return lambda report: probe.probe_vision(
-        settings, name, image_bytes=image, image_name=image_name, activate=activate
+    return lambda report: dd.service_for(settings).probe(
+        name, image_bytes=image, image_name=image_name, activate=activate
     )
 
 

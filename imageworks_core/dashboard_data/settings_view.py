@@ -15,6 +15,7 @@ from ..registry import Registry
 from ..schema import PROCESS_BACKENDS
 from ..selection import endpoint_for
 from ..settings import Settings
+from ..upstream import key_env_headers
 
 AUDIT_EVENTS: tuple[str, ...] = (
     "lock_violation",
@@ -94,10 +95,11 @@ class ConnectionResult:
     models: list[str] = field(default_factory=list)
 
 
-def check_connection(endpoint: str, *, api_key: str | None = None, timeout_s: float = 3.0) -> ConnectionResult:
-    """Ask an OpenAI-compatible endpoint for its models (short timeout; never raises)."""
+def check_connection(endpoint: str, *, key_env: str | None = None, timeout_s: float = 3.0) -> ConnectionResult:
+    """Ask an OpenAI-compatible endpoint for its models (short timeout; never raises); the key in ``key_env``
+    goes along by the same rule as the proxy's and the probe's."""
     url = endpoint.rstrip("/") + "/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = key_env_headers(key_env)
     started = time.perf_counter()
     try:
         response = httpx.get(url, headers=headers, timeout=timeout_s)
