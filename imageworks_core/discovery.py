@@ -431,6 +431,7 @@ def download_and_register(
             endpoint=endpoint,
             token=token,
             progress=progress,
+            settings=settings,
         )
     except BaseException as exc:
         detail = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)

@@ -11,9 +11,10 @@ registry write is theirs, not ours. The steps, in order, and why:
    matches is *reused*; one that differs is the operator's and is never overwritten without ``force``.
 4. Check free disk space against the bytes still to fetch, then take a lock so two runs cannot interleave.
 5. Fetch each missing file with huggingface_hub's HTTP session (auth, proxies, offline switch, user agent) into
-   ``.cache/imageworks/partial/<digest>.part``, streaming it through SHA-256 (and git SHA-1 for non-LFS files,
-   checked against the blob id). Only a verified file is renamed to its final path, so a corrupted download
-   never appears in the model directory; a mismatching part is deleted so a re-run fetches it again.
+   ``.cache/imageworks/partial/<digest>.part``, streaming it through SHA-256 (and git's blob SHA-1 for non-LFS
+   files, checked against the blob id), with the hashing engine's hashers. Only a verified file is renamed to its
+   final path, so a corrupted download never appears in the model directory; a mismatching part is deleted so a
+   re-run fetches it again.
 6. Write the completion marker (``.cache/imageworks/download.json``) only after every file verified.
    With ``force`` the whole download happens in a staging directory next to the target and is swapped in
    (old renamed away, new renamed in, old removed) only once verified.
@@ -25,6 +26,16 @@ the Hub client only compares sizes, so a same-size corrupted transfer passes it.
 
 Resume: the part file survives any failure (network drop, Ctrl-C, crash); the next run hashes the bytes it has
 and asks for the rest with ``Range``. Transient drops inside one run are retried the same way.
+
+Re-checks: digests of files already on disk come from :func:`imageworks_core.hashing.hash_files` in fast mode,
+over the stat cache in the history DB that ``verify --fast`` uses, under the same key (the resolved directory,
+the file's relative path; valid while size, mtime_ns, inode and ctime_ns match: see "Fast mode" in
+:mod:`imageworks_core.hashing` for what that catches and what it cannot). A fetched file's row is its streamed
+digest with the stat taken right after it was renamed into place, so a fast verify right after a download reads
+nothing; a write that lands between that rename and the stat (milliseconds, by someone who can write into the
+model directory while we hold its lock) would be missed by fast mode, never by a full verify. Without
+``settings`` nothing is cached across runs: every file already on disk is read again. The old per-directory
+cache (``.cache/imageworks/verified.json``) is ignored and deleted.
 """
 
 from __future__ import annotations
@@ -56,8 +67,19 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, filter_repo_objects, hf_raise_for_status
 from pydantic import BaseModel, Field
 
+from . import history
 from .errors import BackendError, ImageWorksError, UsageError, WeightsError
 from .formats import FormatInfo, scan_directory
+from .hashing import (
+    GIT_BLOB_SHA1,
+    Hasher,
+    StatCache,
+    StatEntry,
+    hash_files,
+    new_hasher,
+    update_from_file,
+)
+from .hashing import ProgressCallback as HashProgress
 from .registry_file import atomic_write_text
 from .settings import Settings, get_settings
 from .units import format_bytes
@@ -65,8 +87,10 @@ from .units import format_bytes
 STATE_DIR = PurePosixPath(".cache/imageworks")
 MARKER_PATH = STATE_DIR / "download.json"
 _PARTIAL_DIR = STATE_DIR / "partial"
-_VERIFIED_PATH = STATE_DIR / "verified.json"
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
+# Where an earlier version kept its own stat cache; deleted on sight (the history DB holds it now).
+_OLD_VERIFIED_PATH = STATE_DIR / "verified.json"
+# Digests cached per file: sha256 for every file (shared with the verifier), git's blob id for non-LFS files.
+_CACHED_DIGESTS = ("sha256", GIT_BLOB_SHA1)
 # Consecutive failed attempts (no new bytes) before a file's download gives up for this run.
 MAX_FAILURES_WITHOUT_PROGRESS = 3
 RETRY_BACKOFF_S = 1.0
@@ -136,28 +160,100 @@ class _RemoteFile:
 @dataclass(frozen=True)
 class _Digests:
     sha256: str
-    git_blob: str
+    git_blob: str | None = None  # taken only for files the Hub stores without LFS (it gives their blob id)
 
 
-class _Hashers:
-    """SHA-256 plus git's blob SHA-1 (``blob <size>\\0`` + content), fed the same bytes."""
+class _StreamHashers:
+    """The engine's hashers fed a file's bytes as they arrive: SHA-256, plus git's blob SHA-1 for a non-LFS file."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, remote: _RemoteFile) -> None:
+        self.remote = remote
         self.reset()
 
     def reset(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.git = hashlib.sha1(b"blob %d\0" % self.size)  # git's object id, not a security digest
+        self.sha256 = new_hasher("sha256")
+        self.git: Hasher | None = None if self.remote.lfs else new_hasher(GIT_BLOB_SHA1, self.remote.size)
         self.length = 0
+
+    def resume_from(self, part: Path) -> None:
+        """Start over from the bytes already in ``part`` (a resumed download)."""
+        self.reset()
+        self.length = update_from_file(part, [h for h in (self.sha256, self.git) if h is not None])
 
     def update(self, chunk: bytes) -> None:
         self.sha256.update(chunk)
-        self.git.update(chunk)
+        if self.git is not None:
+            self.git.update(chunk)
         self.length += len(chunk)
 
     def digests(self) -> _Digests:
-        return _Digests(self.sha256.hexdigest(), self.git.hexdigest())
+        return _Digests(self.sha256.hexdigest(), self.git.hexdigest() if self.git is not None else None)
+
+
+class _VerifiedFiles:
+    """Digests of the files under one directory, reused while their stat key matches: the history DB's stat cache.
+
+    Rows are keyed like the verifier's (resolved directory, relative path, algorithm), so both reuse each other's
+    work. Without settings the rows live for this run only and nothing is written.
+    """
+
+    def __init__(self, settings: Settings | None, directory: Path) -> None:
+        self.settings = settings
+        self.directory = str(directory.resolve())
+        self.rows: dict[str, StatCache] = {
+            algorithm: history.stat_entries(settings, self.directory, algorithm) if settings else {}
+            for algorithm in _CACHED_DIGESTS
+        }
+
+    def digests(self, work: Path, remotes: list[_RemoteFile], emit: Callable[..., None]) -> dict[str, _Digests]:
+        """Digests of ``remotes`` as they are on disk under ``work``; only files whose stat changed are read."""
+        sizes = {r.path: r.size for r in remotes}
+
+        def reporter(algorithm: str) -> HashProgress:
+            def report(done: int, total: int, files_done: int, files_total: int, path: str) -> None:
+                emit("check", path=path, size=sizes[path], algorithm=algorithm, done=done, total=total)
+
+            return report
+
+        sha256 = hash_files(
+            work, list(sizes), algorithm="sha256", cache=self.rows["sha256"], progress=reporter("sha256")
+        )
+        git = hash_files(
+            work,
+            [r.path for r in remotes if not r.lfs],
+            algorithm=GIT_BLOB_SHA1,
+            cache=self.rows[GIT_BLOB_SHA1],
+            progress=reporter(GIT_BLOB_SHA1),
+        )
+        self.rows["sha256"].update(sha256)
+        self.rows[GIT_BLOB_SHA1].update(git)
+        return {path: _Digests(row.digest, git[path].digest if path in git else None) for path, row in sha256.items()}
+
+    def record(self, path: str, dest: Path, digests: _Digests) -> None:
+        """Remember the streamed digests of a file just renamed to ``dest`` (stat taken now, after the rename)."""
+        st = dest.stat()
+        key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        self.rows["sha256"][path] = StatEntry(*key, "sha256", digests.sha256)
+        if digests.git_blob is not None:
+            self.rows[GIT_BLOB_SHA1][path] = StatEntry(*key, GIT_BLOB_SHA1, digests.git_blob)
+        self.save()
+
+    def save(self) -> None:
+        if self.settings is None:
+            return
+        for algorithm, rows in self.rows.items():
+            history.save_stat_entries(self.settings, self.directory, algorithm, rows)
+
+    def move_to(self, target: Path, keep: set[str]) -> None:
+        """After ``--force`` swapped the staging directory in: its rows now describe ``target`` (renaming a directory
+        leaves the inode and ctime of the files inside alone); the old target's rows go, its files are gone."""
+        staging = self.directory
+        self.directory = str(target.resolve())
+        self.rows = {algorithm: {p: e for p, e in rows.items() if p in keep} for algorithm, rows in self.rows.items()}
+        self.save()
+        if self.settings is not None:
+            for algorithm in _CACHED_DIGESTS:
+                history.save_stat_entries(self.settings, staging, algorithm, {})
 
 
 class _RetryableTransfer(Exception):
@@ -178,15 +274,23 @@ def download_repo(
     endpoint: str | None = None,
     token: str | None = None,
     progress: ProgressCallback | None = None,
+    settings: Settings | None = None,
 ) -> DownloadResult:
     """Download ``repo_id`` at ``revision`` into ``target_dir``, verifying every file against the Hub's digests.
 
     ``include``/``exclude`` are Hub-style globs (``*`` crosses ``/``). ``force`` re-downloads everything into a
     staging directory and swaps it in atomically once verified (the old directory stays intact on failure).
     ``endpoint`` defaults to ``HF_ENDPOINT`` (read now, not at import); ``token`` defaults to the saved token.
+    ``settings`` (default: read from the environment now) gives ``HF_ENDPOINT``, the offline switches and the
+    history DB whose stat cache spares re-reading unchanged files; only a given ``settings`` enables that cache
+    (a library call never creates a history DB in the current directory by surprise).
     ``progress`` receives one dict per event, ``{"event": name, ...}``:
 
-    - ``check``: ``path``, ``size`` — hashing a file already on disk to see whether it can be reused;
+    - ``check``: ``path``, ``size``, ``algorithm``, ``done``, ``total`` (bytes over the files this pass reads) —
+      hashing files already on disk (only those the stat cache does not vouch for) to see whether they can be
+      reused: a ``sha256`` pass, then a ``git-blob-sha1`` pass over non-LFS files. The hashing engine's progress
+      (from its worker threads, one call at a time, throttled; a pass's last has ``done == total``); none when
+      the cache vouches for every file;
     - ``plan``: ``repo_id``, ``commit_sha``, ``files``, ``total_bytes``, ``to_download_bytes``, ``reused_files``;
     - ``file_start``: ``path``, ``size``, ``resume_from`` (bytes kept from an earlier run);
     - ``bytes``: ``path``, ``file_done``, ``file_size``, ``done``, ``total`` (run totals over files to fetch,
@@ -201,8 +305,9 @@ def download_repo(
     """
     started = datetime.now(UTC)
     _validate_repo_id(repo_id)
-    endpoint = (endpoint or get_settings().hf_endpoint or constants.ENDPOINT).rstrip("/")
-    _refuse_offline(endpoint)
+    env = settings or get_settings()
+    endpoint = (endpoint or env.hf_endpoint or constants.ENDPOINT).rstrip("/")
+    _refuse_offline(endpoint, env)
     target = Path(os.path.abspath(Path(target_dir).expanduser()))
     if target.exists() and not target.is_dir():
         raise UsageError(f"download target {target} exists and is not a directory")
@@ -216,8 +321,8 @@ def download_repo(
 
     staging = target.parent / f".{target.name}.imageworks-staging"
     work = staging if force else target
-    verified = _load_verified(work)
-    reused, to_fetch, conflicts = _check_existing(work, selected, verified, emit)
+    verified = _VerifiedFiles(settings, work)
+    local, reused, to_fetch, conflicts = _check_existing(work, selected, verified, emit)
     if conflicts and not force:
         raise WeightsError(_conflict_message(target, repo_id, commit_sha, conflicts))
     partial_bytes = {f.path: _size_or_zero(work / _PARTIAL_DIR / f.part_name) for f in to_fetch}
@@ -247,12 +352,14 @@ def download_repo(
         work.mkdir(parents=True, exist_ok=True)
         if force:
             _prune_staging(work, selected, [f.path for f in conflicts])
-        _save_verified(work, verified)  # keep the hashes just computed for reused files
+        (work / _OLD_VERIFIED_PATH).unlink(missing_ok=True)
+        verified.save()  # keep the hashes just computed for reused files
         # No marker while files are changing: an interrupted run must not look complete.
         (work / MARKER_PATH).unlink(missing_ok=True)
-        downloaded_bytes, digests, failures = _fetch_all(
+        downloaded_bytes, fetched, failures = _fetch_all(
             repo_id, commit_sha, endpoint, token, work, to_fetch, verified, emit
         )
+        digests = {**local, **fetched}
         if failures:
             raise WeightsError(_mismatch_message(repo_id, commit_sha, failures))
         result = DownloadResult(
@@ -276,6 +383,7 @@ def download_repo(
         atomic_write_text(work / MARKER_PATH, result.model_dump_json(indent=2) + "\n")
         if force:
             _swap_into_place(work, target)
+            verified.move_to(target, keep={f.path for f in selected})
     except BaseException:
         if force and created_target:
             # A failed --force into a new directory leaves only our lock behind there; the resumable state is in
@@ -351,10 +459,10 @@ def _validate_repo_id(repo_id: str) -> None:
         raise UsageError(f"invalid repo id {repo_id!r}: expected 'owner/repo' (letters, digits, '-', '_', '.')")
 
 
-def _refuse_offline(endpoint: str) -> None:
+def _refuse_offline(endpoint: str, env: Settings) -> None:
     # huggingface_hub reads HF_HUB_OFFLINE once at import; the environment is checked again here so a variable
     # set later (or by a test) still stops us before any request or any write.
-    if constants.is_offline_mode() or get_settings().hub_offline:
+    if constants.is_offline_mode() or env.hub_offline:
         raise BackendError(
             f"Hugging Face Hub unreachable (offline?): offline mode is on (HF_HUB_OFFLINE), so {endpoint} is not "
             "contacted; unset HF_HUB_OFFLINE to download"
@@ -442,48 +550,8 @@ def _size_or_zero(path: Path) -> int:
         return 0
 
 
-def _hash_file(path: Path, size: int) -> _Digests:
-    hashers = _Hashers(size)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            hashers.update(chunk)
-    return hashers.digests()
-
-
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]  # ctime: an in-place edit cannot hide it
-
-
-def _load_verified(work: Path) -> dict[str, dict[str, Any]]:
-    """Digests of files this tool already verified, keyed by path, valid while (size, mtime_ns, inode, ctime_ns) match."""
-    try:
-        data = json.loads((work / _VERIFIED_PATH).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _save_verified(work: Path, verified: dict[str, dict[str, Any]]) -> None:
-    atomic_write_text(work / _VERIFIED_PATH, json.dumps(verified, indent=1, sort_keys=True) + "\n")
-
-
-def _local_digests(
-    work: Path, remote: _RemoteFile, verified: dict[str, dict[str, Any]], emit: Callable[..., None]
-) -> _Digests:
-    dest = work / remote.path
-    cached = verified.get(remote.path)
-    if cached is not None and cached.get("stat") == _stat_key(dest):
-        return _Digests(cached["sha256"], cached["git_blob"])
-    emit("check", path=remote.path, size=dest.stat().st_size)
-    digests = _hash_file(dest, dest.stat().st_size)
-    verified[remote.path] = {"stat": _stat_key(dest), "sha256": digests.sha256, "git_blob": digests.git_blob}
-    return digests
-
-
-def _matches(remote: _RemoteFile, size: int, digests: _Digests) -> bool:
-    if size != remote.size:
-        return False
+def _matches(remote: _RemoteFile, digests: _Digests) -> bool:
+    """Whether bytes of the Hub's size have the Hub's digest (the caller has checked the size)."""
     if remote.sha256 is not None:
         return digests.sha256 == remote.sha256
     if remote.blob_id is not None:
@@ -498,35 +566,42 @@ class _Conflict:
 
 
 def _check_existing(
-    work: Path, selected: list[_RemoteFile], verified: dict[str, dict[str, Any]], emit: Callable[..., None]
-) -> tuple[list[_RemoteFile], list[_RemoteFile], list[_Conflict]]:
-    """Split ``selected`` into reused (present and verified), to fetch, and conflicting (present but different)."""
+    work: Path, selected: list[_RemoteFile], verified: _VerifiedFiles, emit: Callable[..., None]
+) -> tuple[dict[str, _Digests], list[_RemoteFile], list[_RemoteFile], list[_Conflict]]:
+    """Split ``selected`` into reused (present and verified; with their digests), to fetch, and conflicting
+    (present but different)."""
+    same_size: list[_RemoteFile] = []
+    problems: dict[str, str] = {}
+    for remote in selected:
+        dest = work / remote.path
+        if not dest.exists() and not dest.is_symlink():
+            continue
+        if not dest.is_file():
+            problems[remote.path] = "exists but is not a regular file"
+        elif (size := dest.stat().st_size) != remote.size:
+            problems[remote.path] = f"local size {size}, Hub size {remote.size}"
+        else:
+            same_size.append(remote)
+    local = verified.digests(work, same_size, emit)
     reused: list[_RemoteFile] = []
     to_fetch: list[_RemoteFile] = []
     conflicts: list[_Conflict] = []
     for remote in selected:
-        dest = work / remote.path
-        if not dest.exists() and not dest.is_symlink():
-            to_fetch.append(remote)
-            continue
-        if not dest.is_file():
-            conflicts.append(_Conflict(remote.path, "exists but is not a regular file"))
-            to_fetch.append(remote)
-            continue
-        size = dest.stat().st_size
-        digests = _local_digests(work, remote, verified, emit) if size == remote.size else None
-        if digests is not None and _matches(remote, size, digests):
+        digests = local.get(remote.path)
+        if digests is not None and _matches(remote, digests):
             reused.append(remote)
             continue
-        if digests is None:
-            detail = f"local size {size}, Hub size {remote.size}"
-        elif remote.sha256 is not None:
-            detail = f"local sha256 {digests.sha256}, Hub sha256 {remote.sha256}"
-        else:
-            detail = f"local git blob {digests.git_blob}, Hub blob {remote.blob_id}"
-        conflicts.append(_Conflict(remote.path, detail))
+        detail = problems.get(remote.path)
+        if digests is not None:
+            detail = (
+                f"local sha256 {digests.sha256}, Hub sha256 {remote.sha256}"
+                if remote.lfs
+                else f"local git blob {digests.git_blob}, Hub blob {remote.blob_id}"
+            )
+        if detail is not None:
+            conflicts.append(_Conflict(remote.path, detail))
         to_fetch.append(remote)
-    return reused, to_fetch, conflicts
+    return {r.path: local[r.path] for r in reused}, reused, to_fetch, conflicts
 
 
 def _conflict_message(target: Path, repo_id: str, commit: str, conflicts: list[_Conflict]) -> str:
@@ -611,14 +686,14 @@ def _fetch_all(
     token: str | None,
     work: Path,
     to_fetch: list[_RemoteFile],
-    verified: dict[str, dict[str, Any]],
+    verified: _VerifiedFiles,
     emit: Callable[..., None],
 ) -> tuple[int, dict[str, _Digests], list[tuple[_RemoteFile, _Digests]]]:
-    """Fetch, verify and place every file; returns (bytes received, digests by path, mismatches)."""
+    """Fetch, verify and place every file; returns (bytes received, digests of placed files by path, mismatches)."""
     headers = build_hf_headers(token=token, library_name="imageworks")
     # Identity encoding: byte offsets in Range requests must mean file offsets.
     headers["Accept-Encoding"] = "identity"
-    digests = {path: _Digests(entry["sha256"], entry["git_blob"]) for path, entry in verified.items()}
+    digests: dict[str, _Digests] = {}
     total = sum(f.size for f in to_fetch)
     # Bytes on disk per file still to fetch (partials from earlier runs count), so "done" can go backwards only
     # when a server ignores a Range request and the file restarts.
@@ -640,7 +715,7 @@ def _fetch_all(
             emit("bytes", path=remote.path, file_done=file_done, file_size=remote.size, done=done, total=total)
 
         got = _fetch_file(url, headers, remote, part, endpoint, on_bytes, emit)
-        if not _matches(remote, remote.size, got):
+        if not _matches(remote, got):
             expected, actual = (remote.sha256, got.sha256) if remote.lfs else (remote.blob_id, got.git_blob)
             emit("verify_failed", path=remote.path, expected=expected, actual=actual)
             # The bytes are ours and wrong: dropping them makes the next run fetch the file again.
@@ -654,8 +729,7 @@ def _fetch_all(
         except OSError as exc:
             raise WeightsError(f"could not place {remote.path} at {dest}: {exc}") from exc
         digests[remote.path] = got
-        verified[remote.path] = {"stat": _stat_key(dest), "sha256": got.sha256, "git_blob": got.git_blob}
-        _save_verified(work, verified)
+        verified.record(remote.path, dest, got)
         emit("file_done", path=remote.path, size=remote.size, sha256=got.sha256)
     return received, digests, failures
 
@@ -670,7 +744,7 @@ def _fetch_file(
     emit: Callable[..., None],
 ) -> _Digests:
     """Bring ``part`` to ``remote.size`` bytes (resuming with Range, retrying drops) and return its digests."""
-    hashers: _Hashers | None = None
+    hashers: _StreamHashers | None = None
     failures = 0
     while True:
         offset = _size_or_zero(part)
@@ -679,11 +753,9 @@ def _fetch_file(
             offset = 0
         if hashers is None or hashers.length != offset:
             # Resuming bytes from an earlier run (or after a truncation): hash what is on disk first.
-            hashers = _Hashers(remote.size)
+            hashers = _StreamHashers(remote)
             if offset:
-                with open(part, "rb") as handle:
-                    while chunk := handle.read(HASH_CHUNK_BYTES):
-                        hashers.update(chunk)
+                hashers.resume_from(part)
         if offset == remote.size:
             return hashers.digests()
         try:
@@ -711,7 +783,7 @@ def _stream_range(
     remote: _RemoteFile,
     part: Path,
     offset: int,
-    hashers: _Hashers,
+    hashers: _StreamHashers,
     on_bytes: Callable[[int, int], None],
 ) -> None:
     """One GET from ``offset`` to the end, appended to ``part`` and fed to ``hashers``."""

@@ -101,14 +101,17 @@ from .units import format_bytes
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_IGNORE",
+    "GIT_BLOB_SHA1",
     "MANIFEST_VERSION",
     "TEXT_FILE_MAX_BYTES",
     "TEXT_FILE_PATTERNS",
     "Algorithm",
+    "DigestName",
     "DriftReport",
     "FileChange",
     "FileDigest",
     "HashMode",
+    "Hasher",
     "HashResult",
     "Manifest",
     "ProgressCallback",
@@ -119,9 +122,12 @@ __all__ = [
     "compare_manifests",
     "digest_file",
     "hash_directory",
+    "hash_files",
     "ignore_rules",
     "is_ignored",
     "manifest_line",
+    "new_hasher",
+    "update_from_file",
     "verify_directory",
 ]
 
@@ -129,6 +135,10 @@ Algorithm = Literal["sha256", "blake3"]
 HashMode = Literal["full", "fast"]
 
 ALGORITHMS: tuple[str, ...] = ("sha256", "blake3")
+GIT_BLOB_SHA1 = "git-blob-sha1"
+"""git's object id of a file, ``sha1(b"blob <size>\\0" + content)``: the Hub's ``blobId`` for a file it stores
+without LFS. Not a manifest algorithm (SHA-1 is not collision-resistant); the downloader checks small files with it."""
+DigestName = Literal["sha256", "blake3", "git-blob-sha1"]
 MANIFEST_VERSION = 1
 DEFAULT_IGNORE: tuple[str, ...] = (".git/", ".cache/", "*.lock", "*.incomplete", ".DS_Store")
 
@@ -177,6 +187,14 @@ class ProgressCallback(Protocol):
     def __call__(
         self, bytes_done: int, bytes_total: int, files_done: int, files_total: int, current_path: str
     ) -> None: ...
+
+
+class Hasher(Protocol):
+    """What :func:`new_hasher` returns (a hashlib or blake3 object)."""
+
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
 
 
 class StatEntry(NamedTuple):
@@ -589,7 +607,7 @@ class _FileTask:
                     raise WeightsError(f"{job.rel} is not a regular file ({_kind(self.before.st_mode)}); remove it")
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(self.fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self.hasher = hashlib.sha256() if self.algorithm == "sha256" else blake3.blake3()
+                self.hasher = new_hasher(self.algorithm, self.before.st_size)
             assert self.before is not None
             n = self.fh.readinto(buf)
             if n:
@@ -756,18 +774,71 @@ def _hash_jobs(
     return results
 
 
-def _check_algorithm(algorithm: str) -> None:
-    if algorithm not in ALGORITHMS:
-        raise UsageError(f"unknown hash algorithm {algorithm!r}; use one of: {', '.join(ALGORITHMS)}")
+def _check_algorithm(algorithm: str, allowed: Sequence[str] = ALGORITHMS) -> None:
+    if algorithm not in allowed:
+        raise UsageError(f"unknown hash algorithm {algorithm!r}; use one of: {', '.join(allowed)}")
+
+
+def new_hasher(algorithm: str, size: int = 0) -> Hasher:
+    """A fresh hasher for ``algorithm`` (``sha256``, ``blake3`` or :data:`GIT_BLOB_SHA1`): the one construction
+    every reader uses, the downloader's streaming check included. ``size`` is the byte count git's blob header
+    carries (``git-blob-sha1`` only; the caller must then feed exactly that many bytes)."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        return blake3.blake3()
+    if algorithm == GIT_BLOB_SHA1:
+        return hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+    raise UsageError(f"unknown hash algorithm {algorithm!r}; use one of: sha256, blake3, {GIT_BLOB_SHA1}")
+
+
+def update_from_file(path: str | os.PathLike[str], hashers: Sequence[Hasher]) -> int:
+    """Feed every byte of ``path`` to each of ``hashers`` (the engine's chunk size); return the byte count.
+
+    For continuing a digest over bytes already on disk (a resumed download's partial file); to digest whole files
+    use :func:`digest_file` or :func:`hash_files`, which also check that the file did not change while read.
+    """
+    buf = _buffer()
+    total = 0
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            for hasher in hashers:
+                hasher.update(buf[:n])
+            total += n
+    return total
+
+
+def _split_cached(
+    jobs: list[_Job], cache: Mapping[str, StatEntry] | None, algorithm: str
+) -> tuple[StatCache, list[_Job]]:
+    """Fast mode: (rows reused from ``cache``, jobs to read) -- see "Fast mode" in the module docstring."""
+    if not cache:
+        return {}, jobs
+    reused: StatCache = {}
+    to_hash: list[_Job] = []
+    access, read_ok = os.access, os.R_OK
+    for job in jobs:
+        row = cache.get(job.rel)
+        # A row of an older layout (no ctime) compares unequal here, so it is a miss, never an error.
+        if (
+            row is not None
+            and tuple(row[:5]) == (job.size, job.mtime_ns, job.inode, job.ctime_ns, algorithm)
+            and access(job.path, read_ok)
+        ):
+            # Rows may come back from SQLite as plain tuples.
+            reused[job.rel] = row if isinstance(row, StatEntry) else StatEntry(*row)
+        else:
+            to_hash.append(job)
+    return reused, to_hash
 
 
 def _digest_bytes(data: bytes, algorithm: str) -> str:
     return hashlib.sha256(data).hexdigest() if algorithm == "sha256" else blake3.blake3(data).hexdigest()
 
 
-def digest_file(path: str | os.PathLike[str], algorithm: Algorithm = "sha256") -> str:
-    """Hex digest of one file's raw bytes (the value a manifest records for it)."""
-    _check_algorithm(algorithm)
+def digest_file(path: str | os.PathLike[str], algorithm: DigestName = "sha256") -> str:
+    """Hex digest of one file's raw bytes (the value a manifest records for it, or its git blob id)."""
+    _check_algorithm(algorithm, (*ALGORITHMS, GIT_BLOB_SHA1))
     p = os.fspath(path)
     try:
         st = os.stat(p)
@@ -810,23 +881,7 @@ def hash_directory(
     if not jobs:
         raise WeightsError(f"no files to hash in {root_path} (after ignore rules: {', '.join(rules) or 'none'})")
 
-    reused: StatCache = {}
-    to_hash = jobs
-    if mode == "fast" and cache:
-        to_hash = []
-        access, read_ok = os.access, os.R_OK
-        for job in jobs:
-            row = cache.get(job.rel)
-            # A row of an older layout (no ctime) compares unequal here, so it is a miss, never an error.
-            if (
-                row is not None
-                and tuple(row[:5]) == (job.size, job.mtime_ns, job.inode, job.ctime_ns, algorithm)
-                and access(job.path, read_ok)
-            ):
-                # Rows may come back from SQLite as plain tuples.
-                reused[job.rel] = row if isinstance(row, StatEntry) else StatEntry(*row)
-            else:
-                to_hash.append(job)
+    reused, to_hash = _split_cached(jobs, cache if mode == "fast" else None, algorithm)
     hashed = _hash_jobs(to_hash, algorithm, progress, max_workers)
 
     new_cache: StatCache = {job.rel: hashed.get(job.rel) or reused[job.rel] for job in jobs}
@@ -850,6 +905,40 @@ def hash_directory(
         manifest.text_files = collect_text_files(root_path, manifest)
     manifest.duration_s = round(time.perf_counter() - started, 6)
     return HashResult(manifest=manifest, cache=new_cache, rehashed=rehashed)
+
+
+def hash_files(
+    root: str | os.PathLike[str],
+    paths: Iterable[str],
+    *,
+    algorithm: DigestName = "sha256",
+    cache: Mapping[str, StatEntry] | None = None,
+    progress: ProgressCallback | None = None,
+    max_workers: int | None = None,
+) -> StatCache:
+    """Stat-cache rows for the named files under ``root`` (relative POSIX paths), in fast mode.
+
+    A file is read only when ``cache`` has no row for it whose ``(size, mtime_ns, inode, ctime_ns, algorithm)``
+    matches (the rules of :func:`hash_directory`'s fast mode); the returned rows are the reused ones plus the
+    new ones, keyed like ``paths``. Unlike :func:`hash_directory` there is no walk and no ignore rule: the caller
+    names the files (symlinks are followed). Raises :class:`WeightsError` for a missing, unreadable or
+    non-regular file, one with no read bit for anyone, or one that changes while it is read.
+    """
+    _check_algorithm(algorithm, (*ALGORITHMS, GIT_BLOB_SHA1))
+    jobs: list[_Job] = []
+    for rel in paths:
+        path = os.path.join(root, rel)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise WeightsError(f"cannot read {rel} in {root}: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise WeightsError(f"{rel} in {root} is not a regular file ({_kind(st.st_mode)}); remove it")
+        if not st.st_mode & _ANY_READ_BITS:
+            raise WeightsError(_no_read_bits(rel, root, st.st_mode))
+        jobs.append(_Job(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+    reused, to_hash = _split_cached(jobs, cache, algorithm)
+    return {**reused, **_hash_jobs(to_hash, algorithm, progress, max_workers)}
 
 
 # Text files ------------------------------------------------------------------------------------------------------

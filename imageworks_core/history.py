@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .hashing import StatCache, StatEntry
 from .settings import Settings
 
 _SCHEMA = """
@@ -295,6 +296,26 @@ def save_stat_cache(
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(directory, path, algorithm, *values) for path, values in cache.items()],
         )
+
+
+def stat_entries(settings: Settings, directory: str, algorithm: str) -> StatCache:
+    """The stat cache of a directory as :class:`StatEntry` rows; ``{}`` without creating a missing history DB.
+
+    The one reader for the verifier's fast mode and the downloader's reuse check (same rows, same key).
+    """
+    if not settings.history_db_path.exists():
+        return {}
+    # A NULL ctime (a row from before it was recorded) never equals a file's: the hashing engine re-reads it.
+    return {
+        path: StatEntry(size, mtime, inode, ctime, algorithm, digest)  # type: ignore[arg-type]
+        for path, (size, mtime, inode, ctime, digest) in load_stat_cache(settings, directory, algorithm).items()
+    }
+
+
+def save_stat_entries(settings: Settings, directory: str, algorithm: str, entries: Mapping[str, StatEntry]) -> None:
+    """Replace the stat cache of a directory for ``algorithm`` with ``entries`` (creates the history DB)."""
+    rows = {path: (e.size, e.mtime_ns, e.inode, e.ctime_ns, e.digest) for path, e in entries.items()}
+    save_stat_cache(settings, directory, algorithm, rows)
 
 
 # Activations, probes, downloads ---------------------------------------------------------------------------

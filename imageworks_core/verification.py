@@ -27,10 +27,8 @@ from .errors import UsageError, WeightsError
 from .hashing import (
     Algorithm,
     DriftReport,
-    HashResult,
     Manifest,
     ProgressCallback,
-    StatEntry,
     aggregate_of,
     compare_manifests,
     hash_directory,
@@ -111,26 +109,6 @@ def weights_dir(settings: Settings, entry: ModelEntry) -> Path:
     return settings.resolve_path(entry.download_path)
 
 
-def _load_cache(settings: Settings, directory: str, algorithm: str) -> dict[str, StatEntry]:
-    if not settings.history_db_path.exists():
-        return {}
-    rows = history.load_stat_cache(settings, directory, algorithm)
-    # A NULL ctime (a row from before it was recorded) never equals a file's: hash_directory re-reads that file.
-    return {
-        path: StatEntry(size, mtime, inode, ctime, algorithm, digest)  # type: ignore[arg-type]
-        for path, (size, mtime, inode, ctime, digest) in rows.items()
-    }
-
-
-def _save_cache(settings: Settings, directory: str, algorithm: str, result: HashResult) -> None:
-    history.save_stat_cache(
-        settings,
-        directory,
-        algorithm,
-        {path: (e.size, e.mtime_ns, e.inode, e.ctime_ns, e.digest) for path, e in result.cache.items()},
-    )
-
-
 def _read_lock_manifest(path: Path, expected_aggregate: str) -> tuple[Manifest | None, list[str]]:
     """The lock manifest, or None with notes explaining why it cannot be trusted."""
     if not path.exists():
@@ -169,7 +147,7 @@ def verify_entry(
     algo: Algorithm = (lock.algorithm if expected else algorithm) or "sha256"  # type: ignore[union-attr,assignment]
     mode: Literal["full", "fast"] = "fast" if fast else "full"
     key = str(directory.resolve())
-    cache = _load_cache(settings, key, algo) if fast else None
+    cache = history.stat_entries(settings, key, algo) if fast else None
     notes: list[str] = []
     manifest_file = lock_file_path(settings, entry) if expected else None
     expected_manifest, manifest_notes = (
@@ -185,7 +163,7 @@ def verify_entry(
         cache=cache,
         progress=progress,
     )
-    _save_cache(settings, key, algo, result)
+    history.save_stat_entries(settings, key, algo, result.cache)
     manifest = result.manifest
     report: DriftReport | None = None
     outcome: VerifyOutcome
@@ -317,7 +295,7 @@ def lock_entry(
         directory, algorithm=algorithm, extra_ignore=entry.hash_ignore, mode="full", progress=progress
     )
     manifest = result.manifest
-    _save_cache(settings, str(directory.resolve()), algorithm, result)
+    history.save_stat_entries(settings, str(directory.resolve()), algorithm, result.cache)
     path = settings.locks_dir / f"{slugify(entry.name)}.manifest.json"
     payload = {"name": entry.name, "locked_at": now_iso(), **manifest.model_dump(mode="json")}
     new_lock = {

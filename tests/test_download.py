@@ -9,14 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for_clock_tick_past
 from filelock import FileLock
 from hub_server import FakeRepo, HubServer, gguf_bytes, safetensors_bytes
 from huggingface_hub import constants, snapshot_download
 
-from imageworks_core import download
+from imageworks_core import download, history
 from imageworks_core.download import MARKER_PATH, download_repo, read_marker, resolve_location
 from imageworks_core.errors import BackendError, UsageError, WeightsError
+from imageworks_core.hashing import GIT_BLOB_SHA1, hash_directory
 from imageworks_core.settings import Settings
 
 REPO_ID = "acme/tiny-vlm"
@@ -133,6 +134,112 @@ def test_operator_files_that_match_are_reused(hub: HubServer, repo: FakeRepo, tm
     result = download_repo(REPO_ID, target, endpoint=hub.url)
     assert result.reused_files == [WEIGHTS]
     assert repo.get_count(WEIGHTS) == 0
+
+
+# The stat cache (history DB, shared with verify --fast) --------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(IMAGEWORKS_ROOT=tmp_path / "root")
+
+
+def checked(events: list[dict]) -> set[str]:
+    """Files the run read to decide whether they could be reused."""
+    return {e["path"] for e in events if e["event"] == "check"}
+
+
+def test_rechecks_use_the_verifiers_stat_cache_in_the_history_db(
+    hub: HubServer, repo: FakeRepo, tmp_path: Path, settings: Settings
+) -> None:
+    target = target_of(tmp_path)
+    download_repo(REPO_ID, target, endpoint=hub.url, settings=settings)
+    key = str(target.resolve())
+    sha256 = history.stat_entries(settings, key, "sha256")
+    assert {p: e.digest for p, e in sha256.items()} == {p: hashlib.sha256(b).hexdigest() for p, b in repo.files.items()}
+    git = history.stat_entries(settings, key, GIT_BLOB_SHA1)
+    assert {p: e.digest for p, e in git.items()} == {p: repo.blob_id(p) for p in repo.files if not repo.is_lfs(p)}
+    assert not (target / ".cache/imageworks/verified.json").exists()
+
+    events: list[dict] = []
+    again = download_repo(REPO_ID, target, endpoint=hub.url, settings=settings, progress=events.append)
+    assert sorted(again.reused_files) == sorted(repo.files)
+    assert checked(events) == set(), "unchanged files are not read again"
+    # The verifier's fast mode trusts the same rows: nothing to re-hash right after a download.
+    assert hash_directory(target, mode="fast", cache=sha256).rehashed == []
+
+
+def test_without_settings_every_present_file_is_read_and_no_history_db_appears(
+    hub: HubServer, repo: FakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMAGEWORKS_ROOT", raising=False)
+    target = target_of(tmp_path)
+    download_repo(REPO_ID, target, endpoint=hub.url)
+    events: list[dict] = []
+    download_repo(REPO_ID, target, endpoint=hub.url, progress=events.append)
+    last = [e for e in events if e["event"] == "check" and e["algorithm"] == "sha256"][-1]
+    assert last["done"] == last["total"] == sum(len(b) for b in repo.files.values()), "every file read again"
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("path", [WEIGHTS, "config.json"], ids=["lfs-sha256", "git-blob"])
+def test_in_place_tamper_with_restored_mtime_misses_the_history_cache(
+    hub: HubServer, repo: FakeRepo, tmp_path: Path, settings: Settings, path: str
+) -> None:
+    target = target_of(tmp_path)
+    download_repo(REPO_ID, target, endpoint=hub.url, settings=settings)
+    tampered = target / path
+    before = tampered.stat()
+    wait_for_clock_tick_past(tampered)
+    with open(tampered, "r+b") as handle:  # same size, bytes changed in place, mtime put back (touch -r)
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))
+    os.utime(tampered, ns=(before.st_atime_ns, before.st_mtime_ns))
+    events: list[dict] = []
+    detail = "local sha256" if path == WEIGHTS else "local git blob"
+    with pytest.raises(WeightsError, match=f"differ from {REPO_ID}.*{path} \\({detail}"):
+        download_repo(REPO_ID, target, endpoint=hub.url, settings=settings, progress=events.append)
+    assert checked(events) == {path}, "only the file whose ctime moved is read again"
+
+
+def test_an_old_verified_json_is_never_trusted_and_is_removed(
+    hub: HubServer, repo: FakeRepo, tmp_path: Path, settings: Settings
+) -> None:
+    target = target_of(tmp_path)
+    (target / ".cache/imageworks").mkdir(parents=True)
+    weights = target / WEIGHTS
+    weights.write_bytes(bytes(len(repo.files[WEIGHTS])))  # same size, different content
+    st = weights.stat()
+    old_cache = target / ".cache/imageworks/verified.json"
+    stat_key = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    old_cache.write_text(json.dumps({WEIGHTS: {"stat": stat_key, "sha256": repo.sha256(WEIGHTS), "git_blob": ""}}))
+    with pytest.raises(WeightsError, match="--force"):
+        download_repo(REPO_ID, target, endpoint=hub.url, settings=settings)
+
+    weights.write_bytes(repo.files[WEIGHTS])
+    result = download_repo(REPO_ID, target, endpoint=hub.url, settings=settings)
+    assert WEIGHTS in result.reused_files
+    assert not old_cache.exists()
+
+
+def test_force_hands_the_staging_rows_to_the_target(
+    hub: HubServer, repo: FakeRepo, tmp_path: Path, settings: Settings
+) -> None:
+    target = target_of(tmp_path)
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("operator notes")
+    download_repo(REPO_ID, target, endpoint=hub.url, settings=settings)
+    download_repo(REPO_ID, target, endpoint=hub.url, settings=settings, force=True)
+    staging = target.parent / f".{target.name}.imageworks-staging"
+    assert history.stat_entries(settings, str(staging.resolve()), "sha256") == {}
+    rows = history.stat_entries(settings, str(target.resolve()), "sha256")
+    assert set(rows) == set(repo.files), "the old directory's rows are gone with it"
+
+    events: list[dict] = []
+    download_repo(REPO_ID, target, endpoint=hub.url, settings=settings, progress=events.append)
+    assert checked(events) == set()
 
 
 def test_revision_pins_the_commit(hub: HubServer, repo: FakeRepo, tmp_path: Path) -> None:

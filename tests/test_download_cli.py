@@ -299,6 +299,17 @@ def test_offline_exits_6_with_a_clear_message_and_writes_nothing(
     assert row["status"] == "failed" and "offline" in row["detail"]
 
 
+def test_a_fast_verify_right_after_a_download_reads_nothing(
+    root: Settings, hub: HubServer, repo: FakeRepo, location: Path, dl, cli
+) -> None:
+    # The downloader records each verified file in the history DB's stat cache, the one verify --fast reads.
+    assert dl("download", REPO_ID, "--location", str(location)).code == 0
+    verify = cli("verify", NAME, "--fast", "--json")
+    assert verify.code == 0, verify.err
+    report = json.loads(verify.out)
+    assert (report["file_count"], report["rehashed"], report["bytes_read"]) == (len(repo.files), [], 0)
+
+
 def test_unreachable_hub_exits_6(root: Settings, location: Path, dl, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     result = dl("download", REPO_ID, "--location", str(location))

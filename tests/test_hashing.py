@@ -17,6 +17,7 @@ from imageworks_core import hashing
 from imageworks_core.errors import EXIT_WEIGHTS, UsageError, WeightsError
 from imageworks_core.hashing import (
     DEFAULT_IGNORE,
+    GIT_BLOB_SHA1,
     DriftReport,
     FileDigest,
     Manifest,
@@ -26,8 +27,11 @@ from imageworks_core.hashing import (
     compare_manifests,
     digest_file,
     hash_directory,
+    hash_files,
     ignore_rules,
     is_ignored,
+    new_hasher,
+    update_from_file,
     verify_directory,
 )
 
@@ -545,3 +549,58 @@ def test_digest_file_refuses_a_directory(tmp_path: Path) -> None:
 def test_file_digest_model_is_the_manifest_line() -> None:
     f = FileDigest(path="a b/ü.bin", size=3, algorithm="sha256", digest="ab" * 32)
     assert aggregate_of([f]) == hashlib.sha256(f"a b/ü.bin\t3\tsha256\t{'ab' * 32}\n".encode()).hexdigest()
+
+
+# Named files, git blob ids, streaming ----------------------------------------------------------------------------
+
+
+def test_git_blob_digest_is_gits_object_id(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert digest_file(empty, GIT_BLOB_SHA1) == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # `git hash-object`
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{"a": 1}\n')
+    assert digest_file(config, GIT_BLOB_SHA1) == hashlib.sha1(b'blob 9\0{"a": 1}\n').hexdigest()
+
+
+def test_hash_files_reads_only_the_named_files_the_cache_does_not_vouch_for(tmp_path: Path) -> None:
+    root = make_model(tmp_path / "m")
+    shard, config = "model-00001-of-00002.safetensors", "config.json"
+    first = hash_files(root, [shard, config])
+    assert {p: e.digest for p, e in first.items()} == {p: digest_file(root / p) for p in (shard, config)}
+
+    read: list[str] = []
+
+    def progress(done: int, total: int, files_done: int, files_total: int, path: str) -> None:
+        read.append(path)
+
+    assert hash_files(root, [shard, config], cache=first, progress=progress) == first
+    assert read == []
+    flip_byte_keeping_mtime(root / shard)
+    again = hash_files(root, [shard, config], cache=first, progress=progress)
+    assert set(read) == {shard}
+    assert again[shard].digest == hashlib.sha256((root / shard).read_bytes()).hexdigest() != first[shard].digest
+    # The algorithm is part of the key: a sha256 row never stands in for a git blob id.
+    git = hash_files(root, [config], algorithm=GIT_BLOB_SHA1, cache=again)
+    assert git[config].digest == digest_file(root / config, GIT_BLOB_SHA1) and git[config].algorithm == GIT_BLOB_SHA1
+
+
+def test_hash_files_refuses_what_hash_directory_refuses(tmp_path: Path) -> None:
+    root = make_model(tmp_path / "m")
+    with pytest.raises(WeightsError, match="not a regular file"):
+        hash_files(root, ["sub"])
+    with pytest.raises(WeightsError, match="cannot read missing.bin"):
+        hash_files(root, ["missing.bin"])
+    with pytest.raises(UsageError, match="unknown hash algorithm"):
+        hash_files(root, ["config.json"], algorithm="md5")  # type: ignore[arg-type]
+
+
+def test_a_digest_continued_from_a_file_prefix_equals_the_whole_files(tmp_path: Path) -> None:
+    path = tmp_path / "part"
+    path.write_bytes(SHARD[:300_000])
+    hashers = [new_hasher("sha256"), new_hasher("blake3"), new_hasher(GIT_BLOB_SHA1, len(SHARD))]
+    assert update_from_file(path, hashers) == 300_000
+    for hasher in hashers:
+        hasher.update(SHARD[300_000:])  # the rest, as a resumed download streams it
+    path.write_bytes(SHARD)
+    assert [h.hexdigest() for h in hashers] == [digest_file(path, a) for a in ("sha256", "blake3", GIT_BLOB_SHA1)]
