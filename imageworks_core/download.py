@@ -204,6 +204,7 @@ class _VerifiedFiles:
             algorithm: history.stat_entries(settings, self.directory, algorithm) if settings else {}
             for algorithm in _CACHED_DIGESTS
         }
+        self._changed: set[str] = set()  # algorithms whose rows differ from the DB's
 
     def digests(self, work: Path, remotes: list[_RemoteFile], emit: Callable[..., None]) -> dict[str, _Digests]:
         """Digests of ``remotes`` as they are on disk under ``work``; only files whose stat changed are read."""
@@ -225,8 +226,10 @@ class _VerifiedFiles:
             cache=self.rows[GIT_BLOB_SHA1],
             progress=reporter(GIT_BLOB_SHA1),
         )
-        self.rows["sha256"].update(sha256)
-        self.rows[GIT_BLOB_SHA1].update(git)
+        for algorithm, fresh in (("sha256", sha256), (GIT_BLOB_SHA1, git)):
+            if any(self.rows[algorithm].get(path) != row for path, row in fresh.items()):
+                self.rows[algorithm].update(fresh)
+                self._changed.add(algorithm)
         return {path: _Digests(row.digest, git[path].digest if path in git else None) for path, row in sha256.items()}
 
     def record(self, path: str, dest: Path, digests: _Digests) -> None:
@@ -234,15 +237,18 @@ class _VerifiedFiles:
         st = dest.stat()
         key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         self.rows["sha256"][path] = StatEntry(*key, "sha256", digests.sha256)
+        self._changed.add("sha256")
         if digests.git_blob is not None:
             self.rows[GIT_BLOB_SHA1][path] = StatEntry(*key, GIT_BLOB_SHA1, digests.git_blob)
+            self._changed.add(GIT_BLOB_SHA1)
         self.save()
 
     def save(self) -> None:
-        if self.settings is None:
-            return
-        for algorithm, rows in self.rows.items():
-            history.save_stat_entries(self.settings, self.directory, algorithm, rows)
+        """Write the rows that changed (a re-check that only hit the cache writes nothing)."""
+        if self.settings is not None:
+            for algorithm in sorted(self._changed):
+                history.save_stat_entries(self.settings, self.directory, algorithm, self.rows[algorithm])
+        self._changed.clear()
 
     def move_to(self, target: Path, keep: set[str]) -> None:
         """After ``--force`` swapped the staging directory in: its rows now describe ``target`` (renaming a directory
@@ -250,6 +256,7 @@ class _VerifiedFiles:
         staging = self.directory
         self.directory = str(target.resolve())
         self.rows = {algorithm: {p: e for p, e in rows.items() if p in keep} for algorithm, rows in self.rows.items()}
+        self._changed.update(_CACHED_DIGESTS)
         self.save()
         if self.settings is not None:
             for algorithm in _CACHED_DIGESTS:
