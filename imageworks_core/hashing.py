@@ -2,7 +2,8 @@
 
 Pure functions that take paths and return plain data (pydantic models, named tuples); nothing here touches the
 registry, the CLI or SQLite. ``verify``/``lock`` are thin shells over :func:`hash_directory`,
-:func:`verify_directory` and :func:`compare_manifests`.
+:func:`verify_directory` and :func:`compare_manifests`; the downloader digests the files it may reuse with
+:func:`hash_files` (same fast mode, same stat-cache rows) and the bytes it fetches with :func:`new_hasher`.
 
 What is hashed
     Every regular file under the model directory that no ignore rule matches, walked deterministically and
