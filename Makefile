@@ -1,10 +1,13 @@
-# Quick start: `make run` (dashboard on the bundled demo registry) and `make test` (the whole suite).
+# Quick start: `make run` (dashboard on the bundled demo registry) and `make test` (the whole suite: browser,
+# e2e and slow tests included; what CI runs). `make test-fast` is the lane to run while editing: every module's
+# tests except those marked browser (headless Chromium), e2e (the real inference backend) and slow (crash
+# sweeps, SIGKILL loops, memory ceilings).
 # Both bootstrap uv (python3 -m pip install uv) when it is missing.
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PORT ?= 8501
 
-.PHONY: run test bootstrap lint bench clean check-wheel
+.PHONY: run test test-fast bootstrap lint bench clean check-wheel
 
 bootstrap:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -15,6 +18,9 @@ run: bootstrap
 
 test: bootstrap
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+test-fast: bootstrap
+	$(UV) run --frozen pytest -q -m "not browser and not e2e and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(UV) run --frozen ruff check .

@@ -313,6 +313,7 @@ def test_image_reads_are_bounded_by_bytes_read_not_st_size(tmp_path: Path, monke
         probe._read_image_file(image)
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_bounded_under_hostile_uploads(root: Settings) -> None:
     """Four concurrent decodable images near the pixel limit, declared bombs and an oversized chat body."""
     from PIL import Image

@@ -250,6 +250,7 @@ def _big_registry(root: Settings, n: int) -> None:
     )
 
 
+@pytest.mark.slow
 def test_sigkill_during_writes_never_leaves_a_torn_file(root: Settings) -> None:
     _big_registry(root, 3000)
     load_registry(force=True, settings=root)
@@ -280,6 +281,7 @@ def test_sigkill_during_writes_never_leaves_a_torn_file(root: Settings) -> None:
     assert all(name.startswith(".model_registry") for name in leftovers)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_nothing(root: Settings) -> None:
     writers = 4
     procs = [

@@ -581,6 +581,7 @@ def test_corrupt_state_file_with_the_port_held_is_one_line_naming_file_holder_an
 
 
 # Concurrency ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_concurrent_activations_end_with_one_backend_and_a_consistent_state(rt: Runtime) -> None:
     commands = [[sys.executable, "-m", "imageworks_core.cli", "activate-model", name] for name in (A, B)]
     procs = [

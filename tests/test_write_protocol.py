@@ -251,6 +251,7 @@ def test_old_rows_with_absolute_paths_under_a_previous_root_still_roll_back(root
 
 
 # Crash sweep ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_crash_at_every_write_point_of_every_mutation_leaves_a_consistent_root(tmp_path: Path) -> None:
     """Kill (``os._exit``) each mutation at each write point in a subprocess, then load once (recovery)."""
     from crash_sweep import run_sweep
