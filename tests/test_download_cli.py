@@ -21,9 +21,9 @@ from conftest import REPO, CliResult, free_port
 from hub_server import FakeRepo, HubServer, gguf_bytes, safetensors_bytes
 
 from imageworks_core import download, history
+from imageworks_core.cli.download_cmds import DownloadProgress, app
 from imageworks_core.discovery import entry_name_for
 from imageworks_core.download import MARKER_PATH, download_repo
-from imageworks_core.download_cli import DownloadProgress, app
 from imageworks_core.formats import FormatInfo
 from imageworks_core.registry import load_registry, update_entry
 from imageworks_core.settings import Settings
@@ -283,7 +283,7 @@ def test_offline_exits_6_with_a_clear_message_and_writes_nothing(
     discovered_before = root.discovered_path.read_bytes()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IMAGEWORKS_ROOT": str(root.root), "HF_ENDPOINT": hub.url}
     proc = subprocess.run(
-        [sys.executable, "-m", "imageworks_core.download_cli", "download", REPO_ID, "--location", str(location)],
+        [sys.executable, "-m", "imageworks_core.cli.download_cmds", "download", REPO_ID, "--location", str(location)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -548,7 +548,7 @@ def test_progress_on_a_terminal_and_in_a_log(hub: HubServer, repo: FakeRepo, tmp
 
 
 def test_the_console_script_module_exposes_main_with_argv(capsys: pytest.CaptureFixture[str]) -> None:
-    from imageworks_core.download_cli import main
+    from imageworks_core.cli.download_cmds import main
 
     with pytest.raises(SystemExit) as exited:
         main(["normalize-formats", "--bogus"])

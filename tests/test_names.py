@@ -213,7 +213,7 @@ def test_download_scan_name_option_uses_the_same_rule(
     root: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, expected: str
 ) -> None:
     from imageworks_core.cli.app import run
-    from imageworks_core.download_cli import app
+    from imageworks_core.cli.download_cmds import app
 
     weights = tmp_path / "tiny"
     weights.mkdir()

@@ -14,8 +14,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from .cli.app import JsonOpt, RootOpt, echo_json, format_table, run
-from .discovery import (
+from ..discovery import (
     DiscoveredUpdate,
     NormalizeReport,
     adopt_directory,
@@ -24,9 +23,10 @@ from .discovery import (
     next_steps,
     normalize_formats,
 )
-from .download import DEFAULT_LOCATION
-from .settings import Settings, get_settings
-from .units import format_bytes
+from ..download import DEFAULT_LOCATION
+from ..settings import Settings, get_settings
+from ..units import format_bytes
+from .app import JsonOpt, RootOpt, echo_json, format_table, run
 
 app = typer.Typer(
     name="imageworks-download",
