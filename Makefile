@@ -1,7 +1,7 @@
 # Quick start: `make run` (dashboard on the bundled demo registry) and `make test` (the whole suite: browser,
 # e2e and slow tests included; what CI runs). `make test-fast` is the lane to run while editing: every module's
 # tests except those marked browser (headless Chromium), e2e (the real inference backend) and slow (crash
-# sweeps, SIGKILL loops, memory ceilings).
+# sweeps, SIGKILL loops, memory ceilings), spread over one pytest-xdist worker per core.
 # Both bootstrap uv (python3 -m pip install uv) when it is missing.
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
@@ -20,7 +20,7 @@ test: bootstrap
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 test-fast: bootstrap
-	$(UV) run --frozen pytest -q -m "not browser and not e2e and not slow" $(PYTEST_ARGS)
+	$(UV) run --frozen pytest -q -n auto -m "not browser and not e2e and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(UV) run --frozen ruff check .
