@@ -160,6 +160,17 @@ def navigate(page: object, link: str, heading: str) -> None:
     settle(page)
 
 
+def open_backends_tab(page: object) -> None:
+    """Settings → Backends, waiting for the tab's own content: right after a click the app can still read
+    'notRunning' (the rerun has not started), so :func:`settle` alone may return before the tab's run, and a
+    file written next would race that run's registry read."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Backends").click()  # type: ignore[attr-defined]
+    expect(page.get_by_role("button", name="Reload registry")).to_be_visible()  # type: ignore[attr-defined]
+    settle(page)
+
+
 def no_exception(page: object) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0  # type: ignore[attr-defined]
 
@@ -262,8 +273,7 @@ def test_reload_registry_after_corruption_shows_the_error_banner(page, dashboard
     curated = dashboard.settings.curated_path
     good = curated.read_text(encoding="utf-8")
     open_page(page, dashboard, "settings", "Settings")
-    page.get_by_role("tab", name="Backends").click()
-    settle(page)
+    open_backends_tab(page)
     try:
         curated.write_text(good.replace('"role_priority": 1,', '"role_priorty": 1,'), encoding="utf-8")
         page.get_by_role("button", name="Reload registry").click()
@@ -277,8 +287,7 @@ def test_reload_registry_after_corruption_shows_the_error_banner(page, dashboard
     finally:
         curated.write_text(good, encoding="utf-8")
     navigate(page, "Settings", "Settings")
-    page.get_by_role("tab", name="Backends").click()
-    settle(page)
+    open_backends_tab(page)
     page.get_by_role("button", name="Reload registry").click()
     expect(page.get_by_text("Registry reloaded: 6 entries, valid.")).to_be_visible()
     no_exception(page)
