@@ -51,6 +51,8 @@ from .settings import Settings
 PROVIDER_HUGGINGFACE = "huggingface"
 PROVIDER_LOCAL = "local"
 SCAN_LOCATION = "scan"
+DISCOVERED_FIELDS: tuple[str, ...] = schema.fields_of_layer("discovered")
+"""The fields the overlay may hold (machine facts), as the schema declares them."""
 # Keys normalize-formats recomputes from the directory (merge mode changes only these).
 DERIVED_KEYS: tuple[str, ...] = ("download_format", "quantization", "download_size_bytes", "download_files")
 # Provenance a directory scan cannot recompute; --rebuild keeps these and drops every other key.
@@ -252,6 +254,9 @@ def _source_from_marker(marker: DownloadResult) -> dict[str, Any]:
 def _ordered(entry: dict[str, Any]) -> dict[str, Any]:
     """Our canonical key order for an entry we build from scratch; ``None`` values dropped (schema default)."""
     order = ("name", "download_path", "download_location", *DERIVED_KEYS, "downloaded_at", "source")
+    outside = set(entry) - {"name", *DISCOVERED_FIELDS}
+    if outside:  # the overlay holds machine facts only: the schema says which fields those are
+        raise ValueError(f"not discovered-layer fields: {sorted(outside)}")
     out = {key: entry[key] for key in order if key in entry and entry[key] is not None}
     out.update({k: v for k, v in entry.items() if k not in out and v is not None})
     return out

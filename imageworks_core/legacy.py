@@ -73,7 +73,7 @@ from .registry import (
     snapshot_text,
 )
 from .registry_file import atomic_write_text, render_new_file
-from .schema import CAPABILITY_NAMES, NAME_PATTERN, PROCESS_BACKENDS, BackendConfig, ModelEntry
+from .schema import CAPABILITY_NAMES, NAME_PATTERN, PROCESS_BACKENDS, BackendConfig, ModelEntry, fields_of_layer
 from .settings import Settings
 
 ChangeKind = Literal["changed", "moved", "dropped", "action"]
@@ -140,50 +140,25 @@ _CAPABILITY_ALIASES: dict[str, tuple[str, ...]] = {
 }
 _CAPABILITY_OF: dict[str, str] = {alias: cap for cap, aliases in _CAPABILITY_ALIASES.items() for alias in aliases}
 
-_CURATED_FIELDS = (
-    "display_name",
-    "backend",
-    "served_model_id",
-    "model_aliases",
-    "roles",
-    "role_priority",
-    "capabilities",
-    "backend_config",
-    "generation_defaults",
-    "chat_template",
-    "hash_ignore",
-    "vision_target_long_edge",
-    "profiles",
-    "testing",
-    "deprecated",
-    "notes",
+_PASSTHROUGH = frozenset(
+    {
+        "display_name",
+        "hash_ignore",
+        "vision_target_long_edge",
+        "profiles",
+        "testing",
+        "deprecated",
+        "notes",
+        "download_format",
+        "download_location",
+        "download_size_bytes",
+        "downloaded_at",
+        "quantization",
+    }
 )
-_DISCOVERED_FIELDS = (
-    "download_path",
-    "download_format",
-    "download_location",
-    "download_size_bytes",
-    "download_files",
-    "downloaded_at",
-    "quantization",
-    "source",
-)
-_PASSTHROUGH_CURATED = (
-    "display_name",
-    "hash_ignore",
-    "vision_target_long_edge",
-    "profiles",
-    "testing",
-    "deprecated",
-    "notes",
-)
-_PASSTHROUGH_DISCOVERED = (
-    "download_format",
-    "download_location",
-    "download_size_bytes",
-    "downloaded_at",
-    "quantization",
-)
+"""Fields copied as they are; each goes to the layer the schema says owns it (the rest are converted)."""
+_PASSTHROUGH_CURATED = tuple(f for f in fields_of_layer("curated") if f in _PASSTHROUGH)
+_PASSTHROUGH_DISCOVERED = tuple(f for f in fields_of_layer("discovered") if f in _PASSTHROUGH)
 
 _DROPPED_LEGACY_FIELDS: dict[str, str] = {
     "artifacts": "legacy file hashes use another aggregate format; `imageworks-models verify {name}` hashes the weights again",
@@ -197,9 +172,7 @@ _DROPPED_LEGACY_FIELDS: dict[str, str] = {
     "download_directory_checksum": "legacy directory checksum; `imageworks-models verify {name}` replaces it",
     "last_accessed": "access times are not kept in the registry",
 }
-_HANDLED_LEGACY_FIELDS = frozenset(
-    {"name", "source_provider", *_CURATED_FIELDS, *_DISCOVERED_FIELDS, "version_lock", *_DROPPED_LEGACY_FIELDS}
-)
+_HANDLED_LEGACY_FIELDS = frozenset({"name", "source_provider", *ModelEntry.model_fields, *_DROPPED_LEGACY_FIELDS})
 _BACKEND_CONFIG_PASSTHROUGH = ("env", "health_path", "startup_timeout_s", "api_key_env")
 _NULL_SERVED_IDS = frozenset({"", "none", "null"})
 _INVALID_NAME_RUN = re.compile(r"[\s/\x00-\x1f\x7f]+")

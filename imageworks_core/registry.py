@@ -48,11 +48,11 @@ from .registry_file import (
     read_registry_text,
     splice,
 )
-from .schema import ModelEntry
+from .schema import ModelEntry, fields_of_layer
 from .settings import Settings, get_settings, slugify
 
 Layer = Literal["curated", "discovered"]
-CURATED_ONLY_FIELDS: frozenset[str] = frozenset({"version_lock"})
+CURATED_ONLY_FIELDS: frozenset[str] = frozenset(fields_of_layer("curated_only"))
 EMPTY_FILE_FIX = "an empty registry is `[]`"
 _ENTRIES_ADAPTER = TypeAdapter(list[ModelEntry])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -226,6 +226,14 @@ class VersionLock(_Strict):
     unlock_reason: str | None = None
 
 
+FieldLayer = Literal["curated", "discovered", "curated_only"]
+"""Who owns a field: ``curated`` (operator decisions), ``discovered`` (machine facts the downloader and scans
+write; curated may still override one, e.g. a moved ``download_path``), ``curated_only`` (never in the
+machine-written overlay). Declared once, on the fields below (``x-layer`` in the JSON Schema)."""
+_FACT: dict[str, Any] = {"x-layer": "discovered"}
+_CURATED_ONLY: dict[str, Any] = {"x-layer": "curated_only"}
+
+
 class ModelEntry(_Strict):
     """One logical model. ``name`` is the key operators and tools use."""
 
@@ -245,18 +253,20 @@ class ModelEntry(_Strict):
     roles: list[str] = Field(default_factory=list)
     role_priority: int = Field(default=0, description="higher wins; ties broken by name")
     capabilities: Capabilities = Field(default_factory=Capabilities)
-    download_path: str | None = None
-    download_format: str | None = Field(default=None, description="safetensors, gguf, awq, gptq, fp8, …")
-    download_location: str | None = None
-    download_size_bytes: int | None = Field(default=None, ge=0)
-    download_files: list[dict[str, Any]] | None = None
-    downloaded_at: datetime | None = None
-    quantization: str | None = None
-    source: Source = Field(default_factory=Source)
+    download_path: str | None = Field(default=None, json_schema_extra=_FACT)
+    download_format: str | None = Field(
+        default=None, description="safetensors, gguf, awq, gptq, fp8, …", json_schema_extra=_FACT
+    )
+    download_location: str | None = Field(default=None, json_schema_extra=_FACT)
+    download_size_bytes: int | None = Field(default=None, ge=0, json_schema_extra=_FACT)
+    download_files: list[dict[str, Any]] | None = Field(default=None, json_schema_extra=_FACT)
+    downloaded_at: datetime | None = Field(default=None, json_schema_extra=_FACT)
+    quantization: str | None = Field(default=None, json_schema_extra=_FACT)
+    source: Source = Field(default_factory=Source, json_schema_extra=_FACT)
     backend_config: BackendConfig = Field(default_factory=BackendConfig)
     generation_defaults: dict[str, Any] = Field(default_factory=dict)
     chat_template: ChatTemplate | None = None
-    version_lock: VersionLock | None = None
+    version_lock: VersionLock | None = Field(default=None, json_schema_extra=_CURATED_ONLY)
     hash_ignore: list[str] = Field(default_factory=list)
     vision_target_long_edge: int | None = Field(default=None, ge=32, le=8192)
     profiles: list[str] = Field(default_factory=list, description="deployment profiles; empty = all")
@@ -315,3 +325,15 @@ def json_schema() -> dict[str, Any]:
             },
         ],
     }
+
+
+def field_layer(name: str) -> FieldLayer:
+    """The layer that owns an entry field (see :data:`FieldLayer`)."""
+    extra = ModelEntry.model_fields[name].json_schema_extra
+    layer = extra.get("x-layer") if isinstance(extra, dict) else None
+    return cast(FieldLayer, layer or "curated")
+
+
+def fields_of_layer(layer: FieldLayer) -> tuple[str, ...]:
+    """Entry fields owned by ``layer``, in schema order (``name``, the key of both layers, is in neither)."""
+    return tuple(name for name in ModelEntry.model_fields if name != "name" and field_layer(name) == layer)
