@@ -18,13 +18,21 @@ from ..settings import Settings, get_settings
 if TYPE_CHECKING:
     from ..service import ImageWorks
 
-app = typer.Typer(
-    name="imageworks-models",
-    help="Keep a trustworthy model registry and run models deterministically on a single port.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+
+def new_app(name: str, help: str) -> typer.Typer:
+    """A Typer app set up as all our CLIs are: help when called bare, no completion, plain errors (see :func:`run`)."""
+    return typer.Typer(
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+
+app = new_app(
+    "imageworks-models", "Keep a trustworthy model registry and run models deterministically on a single port."
 )
 
 RootOpt = Annotated[

@@ -26,15 +26,11 @@ from ..discovery import (
 from ..download import DEFAULT_LOCATION
 from ..settings import Settings, get_settings
 from ..units import format_bytes
-from .app import JsonOpt, RootOpt, echo_json, format_table, run
+from .app import JsonOpt, RootOpt, echo_json, format_table, new_app, run
 
-app = typer.Typer(
-    name="imageworks-download",
-    help="Download model weights from the Hugging Face Hub (verified, resumable) and keep the discovered overlay.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+app = new_app(
+    "imageworks-download",
+    "Download model weights from the Hugging Face Hub (verified, resumable) and keep the discovered overlay.",
 )
 
 # Redraw the terminal line at most this often; a chunk arrives far more often on a fast link.
