@@ -84,6 +84,38 @@ def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(row) for row in cursor.fetchall()]
 
 
+# The table names below are ours (never user input); values always travel as parameters.
+def _insert(settings: Settings, table: str, fields: dict[str, Any]) -> int:
+    """Insert one row (``fields`` are its columns; ``at`` defaults to now) and return its id."""
+    fields.setdefault("at", now_iso())
+    columns = ", ".join(fields)
+    marks = ", ".join("?" for _ in fields)
+    with connect(settings) as conn:
+        cur = conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(fields.values()))
+        return int(cur.lastrowid or 0)
+
+
+def _newest(settings: Settings, select: str, name: str | None, limit: int) -> list[dict[str, Any]]:
+    """The rows of ``select`` (a query of one table), newest first, at most ``limit``; only ``name``'s if given."""
+    query, params = select, ()
+    if name:
+        query, params = query + " WHERE name = ?", (name,)
+    with connect(settings) as conn:
+        return _rows(conn.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)))
+
+
+def _latest_per_name(settings: Settings, table: str) -> dict[str, dict[str, Any]]:
+    """The last row of every entry in ``table``, by name."""
+    with connect(settings) as conn:
+        rows = _rows(
+            conn.execute(
+                f"SELECT t.* FROM {table} t JOIN (SELECT name, MAX(id) AS id FROM {table} GROUP BY name) last"
+                " ON t.id = last.id"
+            )
+        )
+    return {row["name"]: row for row in rows}
+
+
 # Registry revisions ---------------------------------------------------------------------------------------
 # Columns added after the first release; older databases gain them on their first connect. A revision row is
 # also the journal of the write protocol (imageworks_core.journal): 'pending' while its change is in flight,
@@ -222,36 +254,19 @@ def get_revision(settings: Settings, rev: int) -> dict[str, Any] | None:
 def record_verification(settings: Settings, **fields: Any) -> int:
     """Insert a verification row; ``fields`` are the table's columns (``report`` is stored as JSON)."""
     report = fields.pop("report", None)
-    fields.setdefault("at", now_iso())
     if report is not None:
         fields["report_json"] = json.dumps(report, default=str)
-    columns = ", ".join(fields)
-    marks = ", ".join("?" for _ in fields)
-    with connect(settings) as conn:
-        cur = conn.execute(f"INSERT INTO verifications ({columns}) VALUES ({marks})", tuple(fields.values()))
-        return int(cur.lastrowid or 0)
+    return _insert(settings, "verifications", fields)
 
 
 def latest_verifications(settings: Settings) -> dict[str, dict[str, Any]]:
     """The last verification of every entry, by name."""
-    with connect(settings) as conn:
-        rows = _rows(
-            conn.execute(
-                "SELECT v.* FROM verifications v JOIN (SELECT name, MAX(id) AS id FROM verifications"
-                " GROUP BY name) last ON v.id = last.id"
-            )
-        )
-    return {row["name"]: row for row in rows}
+    return _latest_per_name(settings, "verifications")
 
 
 def list_verifications(settings: Settings, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    query = "SELECT id, name, at, mode, algorithm, duration_s, bytes, files, result, aggregate FROM verifications"
-    params: tuple[Any, ...] = ()
-    if name:
-        query += " WHERE name = ?"
-        params = (name,)
-    with connect(settings) as conn:
-        return _rows(conn.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)))
+    select = "SELECT id, name, at, mode, algorithm, duration_s, bytes, files, result, aggregate FROM verifications"
+    return _newest(settings, select, name, limit)
 
 
 def _stat_cache_with_ctime(conn: sqlite3.Connection) -> None:
@@ -319,26 +334,13 @@ def save_stat_entries(settings: Settings, directory: str, algorithm: str, entrie
 
 
 # Activations, probes, downloads ---------------------------------------------------------------------------
-def _insert(settings: Settings, table: str, fields: dict[str, Any]) -> int:
-    fields.setdefault("at", now_iso())
-    columns = ", ".join(fields)
-    marks = ", ".join("?" for _ in fields)
-    with connect(settings) as conn:
-        cur = conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(fields.values()))
-        return int(cur.lastrowid or 0)
-
-
 def record_activation(settings: Settings, **fields: Any) -> int:
     """Insert an activation row (name, action, result, actor, stop_s, start_to_ready_s, pid, detail)."""
     return _insert(settings, "activations", fields)
 
 
 def list_activations(settings: Settings, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    query, params = "SELECT * FROM activations", ()
-    if name:
-        query, params = query + " WHERE name = ?", (name,)
-    with connect(settings) as conn:
-        return _rows(conn.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)))
+    return _newest(settings, "SELECT * FROM activations", name, limit)
 
 
 def record_probe(settings: Settings, name: str, result: dict[str, Any]) -> int:
@@ -363,23 +365,12 @@ def record_probe(settings: Settings, name: str, result: dict[str, Any]) -> int:
 
 
 def list_probes(settings: Settings, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    query, params = "SELECT * FROM probes", ()
-    if name:
-        query, params = query + " WHERE name = ?", (name,)
-    with connect(settings) as conn:
-        return _rows(conn.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)))
+    return _newest(settings, "SELECT * FROM probes", name, limit)
 
 
 def latest_probes(settings: Settings) -> dict[str, dict[str, Any]]:
     """The last probe of every entry, by name."""
-    with connect(settings) as conn:
-        rows = _rows(
-            conn.execute(
-                "SELECT p.* FROM probes p JOIN (SELECT name, MAX(id) AS id FROM probes GROUP BY name) last"
-                " ON p.id = last.id"
-            )
-        )
-    return {row["name"]: row for row in rows}
+    return _latest_per_name(settings, "probes")
 
 
 def record_download(settings: Settings, **fields: Any) -> int:
@@ -390,5 +381,4 @@ def record_download(settings: Settings, **fields: Any) -> int:
 
 
 def list_downloads(settings: Settings, limit: int = 200) -> list[dict[str, Any]]:
-    with connect(settings) as conn:
-        return _rows(conn.execute("SELECT * FROM downloads ORDER BY id DESC LIMIT ?", (limit,)))
+    return _newest(settings, "SELECT * FROM downloads", None, limit)
