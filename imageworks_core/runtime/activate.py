@@ -183,14 +183,7 @@ def _check_lock(
         detail += f": aggregate {result.aggregate} != expected {result.expected}"
     if not force:
         log_event(settings, "activation_failed", name=entry.name, reason="lock_violation", verify_result=result.result)
-        history.record_activation(
-            settings,
-            name=entry.name,
-            action="activate",
-            result="refused",
-            actor=current_actor(settings),
-            detail=f"locked weights failed verification: {result.result}",
-        )
+        _record_activation(settings, entry, "refused", f"locked weights failed verification: {result.result}")
         raise LockViolationError(
             f"{entry.name!r} is locked and its weights failed fast verification ({detail}); "
             f"inspect with `imageworks-models verify {shlex.quote(entry.name)}`, or pass --force to activate anyway "
@@ -202,16 +195,19 @@ def _check_lock(
 
 def _fail(settings: Settings, entry: ModelEntry, reason: str, *, pid: int | None = None, **fields: Any) -> None:
     log_event(settings, "activation_failed", name=entry.name, reason=reason, pid=pid, **fields)
+    _record_activation(settings, entry, "failed", reason, pid=pid, start_to_ready_s=None, stop_s=fields.get("stop_s"))
+
+
+def _record_activation(settings: Settings, entry: ModelEntry, result: str, detail: str | None, **columns: Any) -> None:
+    """The history row of an activation that was refused, failed or became ready."""
     history.record_activation(
         settings,
         name=entry.name,
         action="activate",
-        result="failed",
+        result=result,
         actor=current_actor(settings),
-        pid=pid,
-        start_to_ready_s=None,
-        stop_s=fields.get("stop_s"),
-        detail=reason,
+        detail=detail,
+        **columns,
     )
 
 
@@ -305,16 +301,9 @@ def _start(
         stop_s=stop_s,
         start_to_ready_s=start_to_ready_s,
     )
-    history.record_activation(
-        settings,
-        name=entry.name,
-        action="activate",
-        result="ready",
-        actor=current_actor(settings),
-        stop_s=stop_s,
-        start_to_ready_s=start_to_ready_s,
-        pid=state.pid,
-        detail=f"previous: {previous.name}" if previous else None,
+    previous_detail = f"previous: {previous.name}" if previous else None
+    _record_activation(
+        settings, entry, "ready", previous_detail, stop_s=stop_s, start_to_ready_s=start_to_ready_s, pid=state.pid
     )
     progress("ready", f"{entry.name!r} ready at {state.base_url} in {start_to_ready_s:.2f}s")
     return state
