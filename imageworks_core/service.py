@@ -11,6 +11,7 @@ swaps of the registry are atomic under a lock; a registry that turns invalid nev
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import threading
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import audit, history
-from .errors import LockViolationError, RegistryError
+from .errors import LockViolationError, RegistryError, UnknownRevisionError
 from .registry import Registry, load_registry
 from .schema import ModelEntry
 from .selection import Selection, select_model
@@ -48,6 +49,16 @@ class RegistryStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class RevisionDiff:
+    """Revision ``rev`` of a registry file: what it changed, and what rolling back to before it would change now."""
+
+    rev: int
+    file: str
+    change: str
+    rollback: str
 
 
 @dataclass(frozen=True)
@@ -125,23 +136,17 @@ class ImageWorks:
             return self._registry
 
     @property
-    def has_registry(self) -> bool:
-        self._ensure_loaded()
-        with self._lock:
-            return self._registry is not None
-
-    @property
     def registry_status(self) -> RegistryStatus:
         self._ensure_loaded()
         with self._lock:
             return self._status
 
-    @property
-    def registry_error(self) -> RegistryError | None:
-        """Why the files on disk are not what is served (None when they are)."""
+    def snapshot(self) -> tuple[Registry | None, RegistryError | None, RegistryStatus]:
+        """The served registry, the error that keeps the files from being served, and the status, read together
+        (several sessions share one service: separate reads could pair one load's error with another's status)."""
         self._ensure_loaded()
         with self._lock:
-            return self._error
+            return self._registry, self._error, self._status
 
     def reload(self) -> RegistryStatus:
         """Force-load the files; swap in when valid, else keep the last good registry and record the problems
@@ -317,3 +322,23 @@ class ImageWorks:
             return rollback(self.settings, rev, command=command)
         finally:
             self.refresh()
+
+    def revision_diff(self, rev: int) -> RevisionDiff:
+        """Both diffs of revision ``rev`` (UnknownRevisionError when there is none): its own change, and what
+        :meth:`rollback` would do to the file as it is now."""
+        row = history.get_revision(self.settings, rev) if self.settings.history_db_path.exists() else None
+        if row is None:
+            raise UnknownRevisionError(rev)
+        path = history.revision_path(self.settings, row["file"])
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
+        return RevisionDiff(
+            rev=rev,
+            file=str(path),
+            change=_diff(row["before_text"], row["after_text"], f"before rev {rev}", f"after rev {rev}"),
+            rollback=_diff(current, row["before_text"], "current", f"restored (rev {rev})"),
+        )
+
+
+def _diff(a: str, b: str, a_label: str, b_label: str) -> str:
+    return "".join(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True), a_label, b_label))
+

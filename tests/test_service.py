@@ -22,21 +22,21 @@ def _lock_and_drift(root: Settings, name: str = DEMO) -> None:
 
 def test_the_last_good_registry_survives_an_invalid_file_and_the_error_is_reported(root: Settings) -> None:
     iw = ImageWorks(root)
-    assert DEMO in iw.registry and iw.registry_error is None and iw.registry_status.ok
+    assert DEMO in iw.registry and iw.snapshot()[1] is None and iw.registry_status.ok
     root.curated_path.write_text("[{,]")
     status = iw.reload()
     assert status.ok is False and any("invalid JSON" in line for line in status.errors)
     assert DEMO in iw.registry  # still served
-    assert iw.registry_error is not None
+    assert iw.snapshot()[1] is not None
     assert '"event": "registry_reload_failed"' in root.audit_log_path.read_text()
     root.curated_path.write_text("[]")
-    assert iw.reload().ok and DEMO not in iw.registry and iw.registry_error is None
+    assert iw.reload().ok and DEMO not in iw.registry and iw.snapshot()[1] is None
 
 
 def test_no_registry_ever_is_the_load_error_itself(root: Settings) -> None:
     root.curated_path.write_text("[{,]")
     iw = ImageWorks(root)
-    assert not iw.has_registry
+    assert iw.snapshot()[0] is None
     with pytest.raises(RegistryError) as caught:
         iw.registry  # noqa: B018
     assert caught.value.exit_code == 3 and any("invalid JSON" in line for line in caught.value.lines())

@@ -425,7 +425,7 @@ def _close_rollback() -> None:
 def rollback_confirm(settings: Settings, rev: int) -> None:
     """The rollback confirmation's body: what will be restored, then Confirm / Cancel."""
     try:
-        diff = dd.revision_diff(settings, rev)
+        diff = dd.service_for(settings).revision_diff(rev)
     except ImageWorksError as exc:
         ui.show_error(exc, "Rollback")
         return
@@ -467,7 +467,7 @@ def history_section(settings: Settings) -> None:
         format_func=lambda r: f"{r} · {by_rev[r]['at']} · {by_rev[r]['command']} · {by_rev[r]['entries']}",
         key="history_rev",
     )
-    diff = dd.revision_diff(settings, rev)
+    diff = dd.service_for(settings).revision_diff(rev)
     st.markdown(f"**Change made by revision {rev}** (`{by_rev[rev]['file']}`)")
     st.code(diff.change or "(no textual change)", language="diff")
     st.button(

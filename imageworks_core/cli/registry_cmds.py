@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ import typer
 from .. import history
 from ..errors import UsageError
 from ..launch import preview_launch
-from ..registry import Registry, filter_entries, load_registry, rollback, write_snapshot
+from ..registry import Registry, filter_entries, load_registry, write_snapshot
 from ..schema import CAPABILITY_NAMES, ModelEntry, json_schema
 from ..selection import endpoint_for
 from ..service import EntryStatus
@@ -224,20 +223,12 @@ def rollback_cmd(
     root: RootOpt = None,
 ) -> None:
     """Restore a registry file to the content kept as revision REV (recorded as a new revision)."""
-    settings = settings_for(root)
-    row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
-    path = history.revision_path(settings, row["file"]) if row else None
-    if path and show_diff:
-        current = path.read_text(encoding="utf-8") if path.exists() else ""
-        diff = difflib.unified_diff(
-            current.splitlines(keepends=True),
-            row["before_text"].splitlines(keepends=True),
-            "current",
-            f"revision {rev}",
-        )
-        typer.echo("".join(diff), nl=False)
-    registry = rollback(settings, rev)
-    typer.echo(f"restored {path or ''} to revision {rev}")
+    service = service_for(root)
+    diff = service.revision_diff(rev)
+    if show_diff:
+        typer.echo(diff.rollback, nl=False)
+    registry = service.rollback(rev)
+    typer.echo(f"restored {diff.file} to revision {rev}")
     for warning in registry.warnings:
         typer.echo(f"warning: {warning}", err=True)
 

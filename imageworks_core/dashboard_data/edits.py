@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import typing
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import history
-from ..errors import ImageWorksError, UnknownRevisionError, UsageError
+from ..errors import ImageWorksError, UsageError
 from ..registry import Registry, entry_update, preview_edit, update_entry
 from ..schema import CAPABILITY_NAMES, Capabilities
 from ..settings import Settings
@@ -289,30 +288,3 @@ def revision_rows(settings: Settings, name: str | None = None, limit: int = 100)
     ]
 
 
-@dataclass
-class RevisionDiff:
-    """A revision's own change (before -> after) and what rolling back to it would apply (current -> before)."""
-
-    rev: int
-    file: str
-    change: str
-    rollback: str
-
-
-def revision_diff(settings: Settings, rev: int) -> RevisionDiff:
-    """Both diffs of revision ``rev``; UnknownRevisionError when there is no such revision."""
-    row = history.get_revision(settings, rev) if settings.history_db_path.exists() else None
-    if row is None:
-        raise UnknownRevisionError(rev)
-    path = history.revision_path(settings, row["file"])
-    current = path.read_text(encoding="utf-8") if path.exists() else ""
-
-    def diff(a: str, b: str, a_label: str, b_label: str) -> str:
-        return "".join(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True), a_label, b_label))
-
-    return RevisionDiff(
-        rev=rev,
-        file=str(path),
-        change=diff(row["before_text"], row["after_text"], f"before rev {rev}", f"after rev {rev}"),
-        rollback=diff(current, row["before_text"], "current", f"restored (rev {rev})"),
-    )

@@ -62,9 +62,13 @@ def service_for(settings: Settings) -> ImageWorks:
 def load_registry_view(settings: Settings, *, force: bool = False) -> RegistryView:
     """The service's registry (the last good one when the files are invalid) with the error beside it."""
     service = service_for(settings)
-    status = service.reload() if force else service.refresh()
+    if force:
+        service.reload()
+    else:
+        service.refresh()
+    registry, error, status = service.snapshot()
     loaded_at = datetime.fromisoformat(status.loaded_at).timestamp() if status.loaded_at else 0.0
-    return RegistryView(service.registry if service.has_registry else None, service.registry_error, loaded_at)
+    return RegistryView(registry, error, loaded_at)
 
 
 def badge_markdown(badges: Iterable[str]) -> str:
