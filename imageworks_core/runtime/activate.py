@@ -183,7 +183,8 @@ def _check_lock(
         detail += f": aggregate {result.aggregate} != expected {result.expected}"
     if not force:
         log_event(settings, "activation_failed", name=entry.name, reason="lock_violation", verify_result=result.result)
-        _record_activation(settings, entry, "refused", f"locked weights failed verification: {result.result}")
+        why = f"locked weights failed verification: {result.result}"
+        _history_row(settings, entry.name, "activate", "refused", why)
         raise LockViolationError(
             f"{entry.name!r} is locked and its weights failed fast verification ({detail}); "
             f"inspect with `imageworks-models verify {shlex.quote(entry.name)}`, or pass --force to activate anyway "
@@ -195,15 +196,16 @@ def _check_lock(
 
 def _fail(settings: Settings, entry: ModelEntry, reason: str, *, pid: int | None = None, **fields: Any) -> None:
     log_event(settings, "activation_failed", name=entry.name, reason=reason, pid=pid, **fields)
-    _record_activation(settings, entry, "failed", reason, pid=pid, start_to_ready_s=None, stop_s=fields.get("stop_s"))
+    stop_s = fields.get("stop_s")
+    _history_row(settings, entry.name, "activate", "failed", reason, pid=pid, start_to_ready_s=None, stop_s=stop_s)
 
 
-def _record_activation(settings: Settings, entry: ModelEntry, result: str, detail: str | None, **columns: Any) -> None:
-    """The history row of an activation that was refused, failed or became ready."""
+def _history_row(settings: Settings, name: str, action: str, result: str, detail: str | None, **columns: Any) -> None:
+    """The history row of an activation (refused, failed, ready) or of a stop, with the actor who asked."""
     history.record_activation(
         settings,
-        name=entry.name,
-        action="activate",
+        name=name,
+        action=action,
         result=result,
         actor=current_actor(settings),
         detail=detail,
@@ -301,9 +303,9 @@ def _start(
         stop_s=stop_s,
         start_to_ready_s=start_to_ready_s,
     )
-    previous_detail = f"previous: {previous.name}" if previous else None
-    _record_activation(
-        settings, entry, "ready", previous_detail, stop_s=stop_s, start_to_ready_s=start_to_ready_s, pid=state.pid
+    note = f"previous: {previous.name}" if previous else None
+    _history_row(
+        settings, entry.name, "activate", "ready", note, stop_s=stop_s, start_to_ready_s=start_to_ready_s, pid=state.pid
     )
     progress("ready", f"{entry.name!r} ready at {state.base_url} in {start_to_ready_s:.2f}s")
     return state
@@ -391,15 +393,8 @@ def stop_locked(settings: Settings, state: ActiveState, *, reason: str) -> StopR
 def record_stop(settings: Settings, state: ActiveState, outcome: str, detail: str, **fields: Any) -> None:
     """The audit line and history row of a stop (also of a stale state removed without a stop)."""
     log_event(settings, "stop", name=state.name, pid=state.pid or None, result=outcome, **fields)
-    history.record_activation(
-        settings,
-        name=state.name,
-        action="stop",
-        result=outcome,
-        actor=current_actor(settings),
-        stop_s=fields.get("stop_s"),
-        pid=state.pid or None,
-        detail=detail or None,
+    _history_row(
+        settings, state.name, "stop", outcome, detail or None, stop_s=fields.get("stop_s"), pid=state.pid or None
     )
 
 
