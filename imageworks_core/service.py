@@ -26,6 +26,7 @@ from .selection import Selection, select_model
 from .settings import Settings, get_settings
 
 if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing the registry stays fast
+    from .discovery import DownloadOutcome
     from .hashing import Algorithm, ProgressCallback
     from .probe import ProbeResult
     from .runtime import ActiveState, ActiveStatus, StopResult
@@ -320,6 +321,16 @@ class ImageWorks:
 
         try:
             return rollback(self.settings, rev, command=command)
+        finally:
+            self.refresh()
+
+    def download(self, repo_id: str, **options: Any) -> DownloadOutcome:
+        """Download, verify and record ``repo_id`` in the discovered overlay (see
+        :func:`imageworks_core.discovery.download_and_register` for ``options``); the new entry is served at once."""
+        from .discovery import download_and_register
+
+        try:
+            return download_and_register(self.settings, repo_id, **options)
         finally:
             self.refresh()
 

@@ -18,12 +18,12 @@ from ..discovery import (
     DiscoveredUpdate,
     NormalizeReport,
     adopt_directory,
-    download_and_register,
     list_download_rows,
     next_steps,
     normalize_formats,
 )
 from ..download import DEFAULT_LOCATION
+from ..service import ImageWorks
 from ..settings import Settings, get_settings
 from ..units import format_bytes
 from .app import JsonOpt, RootOpt, echo_json, format_table, new_app, run
@@ -156,11 +156,11 @@ def download_cmd(
 ) -> None:
     """Download OWNER/REPO into <location>/<owner>/<repo>, verify every file, and record it in the discovered
     overlay and the download history (exit 6 Hub unreachable/offline, 7 checksum mismatch or disk)."""
-    settings = _settings(root)
+    service = ImageWorks(_settings(root))
+    settings = service.settings
     progress = DownloadProgress()
     try:
-        outcome = download_and_register(
-            settings,
+        outcome = service.download(
             repo_id,
             location=location,
             revision=revision,
