@@ -97,19 +97,12 @@ def _entry_or_none(settings: Settings, name: str) -> ModelEntry | None:
         return None
 
 
+# The fields a status repeats from its state (name, pid, base_url, …); ``fields`` add liveness, health and GPU.
+_FROM_STATE = frozenset(ActiveStatus.model_fields) & frozenset(ActiveState.model_fields)
+
+
 def _status(state: ActiveState, **fields: Any) -> ActiveStatus:
-    return ActiveStatus(
-        name=state.name,
-        served_model_id=state.served_model_id,
-        base_url=state.base_url,
-        pid=state.pid,
-        pgid=state.pgid,
-        started_at=state.started_at,
-        ready_at=state.ready_at,
-        log_path=state.log_path,
-        state=state,
-        **{"error": state.error, **fields},
-    )
+    return ActiveStatus(**{**state.model_dump(include=_FROM_STATE), **fields}, state=state)
 
 
 def _without_leader(settings: Settings, state: ActiveState, why: str, check_health: bool) -> ActiveStatus:
