@@ -678,11 +678,10 @@ class _Scheduler:
             self._cond.notify_all()
 
     def fail(self, exc: BaseException) -> None:
-        with self._cond:
-            if self.error is None:
-                self.error = exc
+        """A worker's file failed: that worker is done, and every other one stops after its current chunk."""
+        with self._cond:  # a re-entrant lock: stop() takes it again
             self._busy -= 1
-            self._cond.notify_all()
+            self.stop(exc)
 
     def stop(self, exc: BaseException) -> None:
         """Make every worker stop after its current chunk."""
@@ -838,17 +837,12 @@ def _digest_bytes(data: bytes, algorithm: str) -> str:
 
 
 def digest_file(path: str | os.PathLike[str], algorithm: DigestName = "sha256") -> str:
-    """Hex digest of one file's raw bytes (the value a manifest records for it, or its git blob id)."""
-    _check_algorithm(algorithm, (*ALGORITHMS, GIT_BLOB_SHA1))
-    p = os.fspath(path)
-    try:
-        st = os.stat(p)
-    except OSError as exc:
-        raise WeightsError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise WeightsError(f"{p} is not a regular file ({_kind(st.st_mode)})")
-    job = _Job(p, p, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    return _hash_jobs([job], algorithm, None, 1)[p].digest
+    """Hex digest of one file's raw bytes (the value a manifest records for it, or its git blob id).
+
+    :func:`hash_files` of that one file, with the same refusals (missing, not regular, no read bit for anyone).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    return hash_files(directory, [name], algorithm=algorithm, max_workers=1)[name].digest
 
 
 def hash_directory(
