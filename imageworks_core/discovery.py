@@ -30,13 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from . import audit, history, schema
 from .download import (
     DEFAULT_LOCATION,
+    DownloadOptions,
     DownloadResult,
-    ProgressCallback,
     download_repo,
     location_roots,
     read_marker,
@@ -407,15 +407,11 @@ def download_and_register(
     repo_id: str,
     *,
     location: str = DEFAULT_LOCATION,
-    revision: str | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    force: bool = False,
-    endpoint: str | None = None,
-    token: str | None = None,
-    progress: ProgressCallback | None = None,
+    **options: Unpack[DownloadOptions],
 ) -> DownloadOutcome:
     """Download ``repo_id`` into ``location``, record the run in the history DB and update the discovered overlay.
+
+    ``options`` go to :func:`imageworks_core.download.download_repo` as they are.
 
     A failed or interrupted download is recorded with status ``failed`` and the error as detail, writes no
     discovered entry, and re-raises (BackendError: Hub unreachable/offline; WeightsError: checksum or disk;
@@ -424,20 +420,14 @@ def download_and_register(
     target = resolve_location(location, repo_id, settings)
     label = location_label(settings, location, target)
     actor = audit.current_actor(settings)
-    row: dict[str, Any] = {"repo_id": repo_id, "revision": revision, "location": label, "path": str(target)}
+    row: dict[str, Any] = {
+        "repo_id": repo_id,
+        "revision": options.get("revision"),
+        "location": label,
+        "path": str(target),
+    }
     try:
-        result = download_repo(
-            repo_id,
-            target,
-            revision=revision,
-            include=include,
-            exclude=exclude,
-            force=force,
-            endpoint=endpoint,
-            token=token,
-            progress=progress,
-            settings=settings,
-        )
+        result = download_repo(repo_id, target, settings=settings, **options)
     except BaseException as exc:
         detail = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         # The original error matters more than a history DB that cannot be written.

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx2  # huggingface_hub 2.x's HTTP client: the exceptions its session and HfApi raise
 from filelock import FileLock, Timeout
@@ -105,6 +105,18 @@ DEFAULT_LOCATIONS: dict[str, str] = {
 }
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class DownloadOptions(TypedDict, total=False):
+    """The keyword options of :func:`download_repo` (see it for each), for callers that pass them on."""
+
+    revision: str | None
+    include: list[str] | None
+    exclude: list[str] | None
+    force: bool
+    endpoint: str | None
+    token: str | None
+    progress: ProgressCallback | None
 
 
 class DownloadedFile(BaseModel):
