@@ -255,29 +255,37 @@ def edit_metadata_section(settings: Settings, registry: Registry, entry: ModelEn
     if not changes:
         st.info("No changes: the form matches the registry.")
         return
-    change_preview = dd.preview_curated_change(settings, name, changes)
+    diff = _preview_or_save(settings, name, changes, create=False, preview=preview)
+    if diff is None:
+        return
+    ui.flash("success", f"Saved {name} to {settings.curated_path.name} (previous content kept as a revision).", diff)
+    st.rerun()
+
+
+def _preview_or_save(
+    settings: Settings, name: str, changes: dict[str, typing.Any], *, create: bool, preview: bool
+) -> str | None:
+    """The steps the edit form and the import form (``create``) share: refuse a change that would make the
+    registry invalid, show its diff when previewing, else save it. Returns the saved diff; None if nothing was."""
+    verb, action = ("added", "import") if create else ("saved", "edit")
+    change_preview = dd.preview_curated_change(settings, name, changes, create=create)
     if not change_preview.ok:
         st.error(
-            "**Not saved — the registry would be invalid:**\n\n"
+            f"**Not {verb} — the registry would be invalid:**\n\n"
             + "\n".join(f"- {line}" for line in change_preview.problems)
             + "\n\nFix the field named above and try again."
         )
-        return
+        return None
     if preview:
-        st.markdown(f"**Diff of `{settings.curated_path.name}` if saved:**")
+        st.markdown(f"**Diff of `{settings.curated_path.name}` if {verb}:**")
         st.code(change_preview.diff, language="diff")
-        return
+        return None
     try:
-        dd.save_curated_change(settings, name, changes, command=f"dashboard: edit {name}")
+        dd.save_curated_change(settings, name, changes, create=create, command=f"dashboard: {action} {name}")
     except ImageWorksError as exc:
-        ui.show_error(exc, "Save")
-        return
-    ui.flash(
-        "success",
-        f"Saved {name} to {settings.curated_path.name} (previous content kept as a revision).",
-        change_preview.diff,
-    )
-    st.rerun()
+        ui.show_error(exc, "Import" if create else "Save")
+        return None
+    return change_preview.diff
 
 
 # Entry detail -------------------------------------------------------------------------------------------------
@@ -387,28 +395,10 @@ def import_section(settings: Settings, registry: Registry) -> None:
     except UsageError as exc:
         ui.show_error(exc, "Import (nothing saved)")
         return
-    change_preview = dd.preview_curated_change(settings, name, changes, create=True)
-    if not change_preview.ok:
-        st.error(
-            "**Not added — the registry would be invalid:**\n\n"
-            + "\n".join(f"- {line}" for line in change_preview.problems)
-            + "\n\nFix the field named above and try again."
-        )
+    diff = _preview_or_save(settings, name, changes, create=True, preview=preview)
+    if diff is None:
         return
-    if preview:
-        st.markdown(f"**Diff of `{settings.curated_path.name}` if added:**")
-        st.code(change_preview.diff, language="diff")
-        return
-    try:
-        dd.save_curated_change(settings, name, changes, create=True, command=f"dashboard: import {name}")
-    except ImageWorksError as exc:
-        ui.show_error(exc, "Import")
-        return
-    ui.flash(
-        "success",
-        f"Added {name} to {settings.curated_path.name}. Next: Verify Hash, then Lock version.",
-        change_preview.diff,
-    )
+    ui.flash("success", f"Added {name} to {settings.curated_path.name}. Next: Verify Hash, then Lock version.", diff)
     st.session_state["registry_entry_next"] = name
     st.rerun()
 
