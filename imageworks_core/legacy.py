@@ -579,27 +579,15 @@ class _EntryConverter:
         self, config: dict[str, Any], raw: dict[str, Any], host: str | None, port: int | None, base_url: str | None
     ) -> None:
         settings = self.settings
-        if port is not None:
-            self.add(
-                "backend_config.port",
-                "dropped",
-                raw["port"],
-                reason=f"{self.backend} runs on the single port (CHAT_PROXY_VLLM_PORT, now {settings.vllm_port}); a per-entry port is never used",
-            )
-        if host is not None:
-            self.add(
-                "backend_config.host",
-                "dropped",
-                raw["host"],
-                reason=f"{self.backend} runs on the single port's host (CHAT_PROXY_VLLM_HOST, now {settings.vllm_host})",
-            )
-        if base_url is not None:
-            self.add(
-                "backend_config.base_url",
-                "dropped",
-                raw["base_url"],
-                reason="process backends are reached on the single port",
-            )
+        single_port_why = {
+            "port": f"{self.backend} runs on the single port (CHAT_PROXY_VLLM_PORT, now {settings.vllm_port}); "
+            "a per-entry port is never used",
+            "host": f"{self.backend} runs on the single port's host (CHAT_PROXY_VLLM_HOST, now {settings.vllm_host})",
+            "base_url": "process backends are reached on the single port",
+        }
+        for key, value in (("port", port), ("host", host), ("base_url", base_url)):
+            if value is not None:
+                self.add(f"backend_config.{key}", "dropped", raw[key], reason=single_port_why[key])
         extra = config.get("extra_args", [])
         flags = ["--port", "--host"] + (
             ["--served-model-name"] if self.backend == "vllm" and not config.get("launch") else []
