@@ -91,7 +91,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict, Unpack
 
 import blake3
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -1041,23 +1041,18 @@ def compare_manifests(expected: Manifest, actual: Manifest) -> DriftReport:
     )
 
 
+class RehashOptions(TypedDict, total=False):
+    """The options of :func:`hash_directory` (see it for each) that :func:`verify_directory` passes on."""
+
+    mode: HashMode
+    cache: Mapping[str, StatEntry] | None
+    progress: ProgressCallback | None
+    max_workers: int | None
+
+
 def verify_directory(
-    root: str | os.PathLike[str],
-    expected: Manifest,
-    *,
-    mode: HashMode = "full",
-    cache: Mapping[str, StatEntry] | None = None,
-    progress: ProgressCallback | None = None,
-    max_workers: int | None = None,
+    root: str | os.PathLike[str], expected: Manifest, **options: Unpack[RehashOptions]
 ) -> tuple[HashResult, DriftReport]:
     """Re-hash ``root`` with the expected manifest's algorithm and ignore rules, and compare."""
-    result = hash_directory(
-        root,
-        algorithm=expected.algorithm,
-        ignore=expected.ignore,
-        mode=mode,
-        cache=cache,
-        progress=progress,
-        max_workers=max_workers,
-    )
+    result = hash_directory(root, algorithm=expected.algorithm, ignore=expected.ignore, **options)
     return result, compare_manifests(expected, result.manifest)
