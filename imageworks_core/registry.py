@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import pydantic
 from filelock import Timeout
@@ -669,20 +669,26 @@ def entry_update(
     return mutate
 
 
+class EntryUpdateOptions(TypedDict, total=False):
+    """The options of :func:`entry_update` (see it for each) that :func:`update_entry` passes on."""
+
+    layer: Layer
+    create: bool
+    must_be_new: bool
+
+
 def update_entry(
     settings: Settings,
     name: str,
     changes: dict[str, Any],
     *,
-    layer: Layer = "curated",
     command: str,
-    create: bool = False,
-    must_be_new: bool = False,
     events: Events | None = None,
+    **options: Unpack[EntryUpdateOptions],
 ) -> Registry:
     """Set top-level fields of one entry in a layer (a value of ``None`` writes an explicit null)."""
-    mutate = entry_update(settings, name, changes, layer=layer, create=create, must_be_new=must_be_new)
-    return edit_layer(settings, layer, mutate, command=command, events=events)
+    mutate = entry_update(settings, name, changes, **options)
+    return edit_layer(settings, options.get("layer", "curated"), mutate, command=command, events=events)
 
 
 def rollback(settings: Settings, rev: int, *, command: str | None = None) -> Registry:
