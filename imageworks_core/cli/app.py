@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import traceback
@@ -19,20 +20,15 @@ if TYPE_CHECKING:
     from ..service import ImageWorks
 
 
-def new_app(name: str, help: str) -> typer.Typer:
-    """A Typer app set up as all our CLIs are: help when called bare, no completion, plain errors (see :func:`run`)."""
-    return typer.Typer(
-        name=name,
-        help=help,
-        no_args_is_help=True,
-        add_completion=False,
-        pretty_exceptions_enable=False,
-        rich_markup_mode=None,
-    )
-
+# A Typer app set up as all our CLIs are (give it name= and help=): help when called bare, no completion
+# commands, plain errors (run() maps them to our exit codes).
+new_app = functools.partial(
+    typer.Typer, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
 
 app = new_app(
-    "imageworks-models", "Keep a trustworthy model registry and run models deterministically on a single port."
+    name="imageworks-models",
+    help="Keep a trustworthy model registry and run models deterministically on a single port.",
 )
 
 RootOpt = Annotated[

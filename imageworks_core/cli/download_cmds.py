@@ -29,8 +29,8 @@ from ..units import format_bytes
 from .app import JsonOpt, RootOpt, echo_json, format_table, new_app, run
 
 app = new_app(
-    "imageworks-download",
-    "Download model weights from the Hugging Face Hub (verified, resumable) and keep the discovered overlay.",
+    name="imageworks-download",
+    help="Download model weights from the Hugging Face Hub (verified, resumable) and keep the discovered overlay.",
 )
 
 # Redraw the terminal line at most this often; a chunk arrives far more often on a fast link.
