@@ -2,8 +2,8 @@
 
 It owns the registry a front end serves (the last good one when the files on disk turn invalid, with the error
 beside it), the status of every entry (lock state, weights, latest verification and probe, the drift rule,
-per-field provenance), and the actions (select, verify, lock, unlock, activate, stop, probe). Front ends parse
-arguments and format results; they hold no rules.
+per-field provenance), and the actions (select, verify, lock, unlock, rollback and its diffs, activate, stop,
+current, probe, download). Front ends parse arguments and format results; they hold no rules.
 
 Adversaries: concurrent callers in one process (threads of the API server, Streamlit sessions) share one object:
 swaps of the registry are atomic under a lock; a registry that turns invalid never replaces a good one.
@@ -121,10 +121,14 @@ class ImageWorks:
         self._error: RegistryError | None = None
         self._status = RegistryStatus()
         self._loaded = False  # the first load happens on first use: stopping a backend needs no registry
+        self._first_load = threading.Lock()
 
     def _ensure_loaded(self) -> None:
-        if not self._loaded:
-            self._load(force=True, audited=False)
+        if self._loaded:
+            return
+        with self._first_load:  # concurrent first users wait for the one load instead of seeing none
+            if not self._loaded:
+                self._load(force=True, audited=False)
 
     # The registry --------------------------------------------------------------------------------------------
     @property
@@ -159,13 +163,12 @@ class ImageWorks:
         return self._load(force=False, audited=False)
 
     def _load(self, *, force: bool, audited: bool) -> RegistryStatus:
-        self._loaded = True
         attempt = history.now_iso()
         try:
             registry = load_registry(force=force, settings=self.settings)
         except RegistryError as exc:
             with self._lock:
-                self._error = exc
+                self._error, self._loaded = exc, True
                 self._status = RegistryStatus(
                     ok=False,
                     entries=len(self._registry) if self._registry else 0,
@@ -181,7 +184,7 @@ class ImageWorks:
         with self._lock:
             if registry is not self._registry or self._error is not None:
                 self._status = RegistryStatus(True, len(registry), attempt, attempt, [], self._status.reloads + 1)
-            self._registry, self._error = registry, None
+            self._registry, self._error, self._loaded = registry, None, True
             return self._status
 
     # Entry status ----------------------------------------------------------------------------------------------

@@ -43,6 +43,15 @@ def test_no_registry_ever_is_the_load_error_itself(root: Settings) -> None:
     assert not root.audit_log_path.exists()  # a CLI's failed load is an error message, not an audit event
 
 
+def test_concurrent_first_users_all_get_the_registry(root: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    iw = ImageWorks(root)
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(lambda _: len(iw.registry), range(8)))
+    assert sizes == [6] * 8
+
+
 def test_refresh_picks_up_a_valid_edit(root: Settings) -> None:
     iw = ImageWorks(root)
     assert DEMO in iw.registry  # loaded on first use
