@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     )
     vllm_extra_args: str = Field(default="", validation_alias="CHAT_PROXY_VLLM_EXTRA_ARGS")
     gpu_overhead_factor: float = Field(default=1.2, validation_alias="IMAGEWORKS_GPU_OVERHEAD_FACTOR")
+    cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
 
     @property
     def debug_enabled(self) -> bool:

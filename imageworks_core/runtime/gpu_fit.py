@@ -6,7 +6,6 @@ returns at once (``None``: unknown).
 
 from __future__ import annotations
 
-import os
 import time
 
 from .. import gpu
@@ -23,9 +22,9 @@ GPU_RELEASE_POLL_MAX_S = 0.25
 """The longest; in between the pause backs off as the readiness poll does (:func:`.readiness.poll_delay`)."""
 
 
-def _cuda_devices(entry: ModelEntry) -> list[int] | None:
+def _cuda_devices(settings: Settings, entry: ModelEntry) -> list[int] | None:
     """GPU indexes the backend may use per CUDA_VISIBLE_DEVICES (entry env first), None when unrestricted."""
-    value = entry.backend_config.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    value = entry.backend_config.env.get("CUDA_VISIBLE_DEVICES", settings.cuda_visible_devices)
     if value is None or not value.strip():
         return None
     try:
@@ -66,7 +65,7 @@ def check_gpu_fit(
         return f"GPU check skipped: {exc.message}"
     if settings.gpu_overhead_factor <= 0:
         return "GPU check disabled (IMAGEWORKS_GPU_OVERHEAD_FACTOR <= 0)"
-    devices = _cuda_devices(entry)
+    devices = _cuda_devices(settings, entry)
     if devices is not None:
         gpus = [g for g in gpus if g.index in devices] or gpus
     weights = gpu.weights_size_bytes(settings.resolve_path(entry.download_path or ""))
