@@ -11,6 +11,7 @@ swaps of the registry are atomic under a lock; a registry that turns invalid nev
 
 from __future__ import annotations
 
+import copy
 import difflib
 import shlex
 import threading
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import audit, history
 from .errors import LockViolationError, RegistryError, UnknownRevisionError
-from .registry import Registry, load_registry
+from .registry import LayerChange, Registry, entry_update, load_registry, preview_edit, update_entry
 from .schema import ModelEntry
 from .selection import Selection, select_model
 from .settings import Settings, get_settings
@@ -317,6 +318,19 @@ class ImageWorks:
         from .probe import probe_vision
 
         return probe_vision(self.settings, name, image_path, registry=self.registry, **options)
+
+    def preview_entry(self, name: str, changes: dict[str, Any], *, create: bool = False) -> LayerChange:
+        """Dry run of :meth:`save_entry`: the curated file's diff and the validated registry; raises what the
+        write would raise (ValidationError with every problem, UnknownModelError, UsageError)."""
+        mutate = entry_update(self.settings, name, copy.deepcopy(changes), create=create, must_be_new=create)
+        return preview_edit(self.settings, "curated", mutate)
+
+    def save_entry(self, name: str, changes: dict[str, Any], *, create: bool = False, command: str) -> Registry:
+        """Set curated fields of ``name`` (``create``: add a new entry, refusing one already curated)."""
+        try:
+            return update_entry(self.settings, name, changes, command=command, create=create, must_be_new=create)
+        finally:
+            self.refresh()
 
     def rollback(self, rev: int, *, command: str | None = None) -> Registry:
         """Restore a layer file to revision ``rev`` (itself a revision); the new registry is served at once."""

@@ -12,9 +12,10 @@ from typing import Any
 
 from .. import history
 from ..errors import ImageWorksError, UsageError
-from ..registry import Registry, entry_update, preview_edit, update_entry
+from ..registry import Registry
 from ..schema import CAPABILITY_NAMES, Capabilities
 from ..settings import Settings
+from .registry_view import service_for
 
 _FAILED_DOWNLOAD = ("fail", "error", "cancel", "partial", "incomplete", "running")
 
@@ -133,9 +134,8 @@ def preview_curated_change(
     The registry transaction's own preview: the same mutation and validation as the write; nothing written.
     """
     preview = CuratedPreview(name, changes)
-    mutate = entry_update(settings, name, copy.deepcopy(changes), create=create, must_be_new=create)
     try:
-        preview.diff = preview_edit(settings, "curated", mutate).diff
+        preview.diff = service_for(settings).preview_entry(name, changes, create=create).diff
     except ImageWorksError as exc:
         preview.problems = exc.lines()
     return preview
@@ -146,7 +146,7 @@ def save_curated_change(
 ) -> Registry:
     """Write ``changes`` to the curated entry (atomic, validated, revision kept); ``create`` adds a new entry
     and refuses one that is already curated. Raises on invalid input."""
-    return update_entry(settings, name, changes, command=command, create=create, must_be_new=create)
+    return service_for(settings).save_entry(name, changes, create=create, command=command)
 
 
 # Import from Download History -----------------------------------------------------------------------------
