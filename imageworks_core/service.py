@@ -3,7 +3,7 @@
 It owns the registry a front end serves (the last good one when the files on disk turn invalid, with the error
 beside it), the status of every entry (lock state, weights, latest verification and probe, the drift rule,
 per-field provenance), and the actions (select, verify, lock, unlock, rollback and its diffs, activate, stop,
-current, probe, download). Front ends parse arguments and format results; they hold no rules.
+current, probe, download, import-legacy). Front ends parse arguments and format results; they hold no rules.
 
 Adversaries: concurrent callers in one process (threads of the API server, Streamlit sessions) share one object:
 swaps of the registry are atomic under a lock; a registry that turns invalid never replaces a good one.
@@ -29,6 +29,7 @@ from .settings import Settings, get_settings
 if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing the registry stays fast
     from .discovery import DownloadOutcome
     from .hashing import Algorithm, ProgressCallback
+    from .legacy import ImportReport
     from .probe import ProbeResult
     from .runtime import ActiveState, ActiveStatus, StopResult
     from .runtime import ProgressCallback as ActivationProgress
@@ -348,6 +349,16 @@ class ImageWorks:
 
         try:
             return download_and_register(self.settings, repo_id, **options)
+        finally:
+            self.refresh()
+
+    def import_legacy(self, path: Any, *, discovered_path: Any = None, force: bool = False) -> ImportReport:
+        """Convert an older ImageWorks registry into the two layer files (one journaled change; see
+        :func:`imageworks_core.legacy.import_legacy`); the imported registry is served at once."""
+        from .legacy import import_legacy
+
+        try:
+            return import_legacy(path, self.settings, discovered_path=discovered_path, force=force)
         finally:
             self.refresh()
 

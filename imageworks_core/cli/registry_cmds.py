@@ -244,10 +244,7 @@ def import_legacy_cmd(
     root: RootOpt = None,
 ) -> None:
     """Convert an older ImageWorks registry into our curated + discovered pair, reporting every change."""
-    from ..legacy import import_legacy
-
-    settings = settings_for(root)
-    report = import_legacy(path, settings, discovered_path=discovered, force=force)
+    report = service_for(root).import_legacy(path, discovered_path=discovered, force=force)
     if as_json:
         echo_json(report.to_dict())
         return
