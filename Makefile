@@ -1,7 +1,9 @@
-# Quick start: `make run` (dashboard on the bundled demo registry) and `make test` (the whole suite: browser,
-# e2e and slow tests included; what CI runs). `make test-fast` is the lane to run while editing: every module's
-# tests except those marked browser (headless Chromium), e2e (the real inference backend) and slow (crash
-# sweeps, SIGKILL loops, memory ceilings), spread over one pytest-xdist worker per core.
+# Quick start: `make run` (dashboard on .demo-root/, a git-ignored copy of the bundled demo registry that
+# scripts/demo_root.py seeds from configs/ and demo/ on first run; the checkout itself is never served; `make clean`
+# removes it) and `make test` (the whole suite: browser, e2e and slow tests included; what CI runs). `make test-fast`
+# is the lane to run while editing: every module's tests except those marked browser (headless Chromium), e2e (the
+# real inference backend) and slow (crash sweeps, SIGKILL loops, memory ceilings), spread over one pytest-xdist
+# worker per core.
 # Both bootstrap uv (python3 -m pip install uv) when it is missing.
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
@@ -14,7 +16,7 @@ bootstrap:
 	@$(UV) sync --frozen --quiet
 
 run: bootstrap
-	IMAGEWORKS_ROOT=$(CURDIR) $(UV) run imageworks-dashboard --port $(PORT)
+	$(UV) run --frozen python scripts/demo_root.py --port $(PORT)
 
 test: bootstrap
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
@@ -32,5 +34,6 @@ check-wheel: bootstrap
 bench: bootstrap
 	$(UV) run --frozen python bench/registry_load.py
 
+# .demo-root is make run's demo root; the rest is what older `make run`s and CLI runs in the checkout left.
 clean:
-	rm -rf _staging logs state configs/model_registry.json .pytest_cache
+	rm -rf .demo-root .demo-root.seeding-* _staging logs state configs/model_registry.json .pytest_cache
