@@ -15,9 +15,15 @@ from imageworks_core.registry import Registry
 from imageworks_core.settings import Settings, get_settings
 
 REGISTRY_FIX = (
-    "Fix the file at the line or field named above (or roll back the last edit: Registry → History, or "
-    "`imageworks-models rollback REV`), then press Settings → Backends → **Reload registry**."
+    "Fix each problem listed (it names the file and the line and column, or the entry and field), or undo the "
+    "last edit: Registry → **History** → roll back (or `imageworks-models rollback REV`); then press "
+    "Settings → Backends → **Reload registry**."
 )
+
+
+def problem_list(lines: list[str]) -> str:
+    """The registry's problems as a markdown list (each line names its file and line:col or entry and field)."""
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def settings() -> Settings:
@@ -31,17 +37,14 @@ def registry(settings: Settings, *, force: bool = False, required: bool = True) 
     view = dd.load_registry_view(settings, force=force)
     if view.error is not None and view.registry is not None:
         loaded = time.strftime("%H:%M:%S", time.localtime(view.loaded_at))
+        problems = view.error.lines()
         st.warning(
-            f"**The registry files are invalid** ({len(view.error.lines())} problem(s)); showing the last good "
-            f"registry, loaded at {loaded}. {REGISTRY_FIX}",
+            f"**The registry files are invalid** ({len(problems)} problem(s)); showing the last good "
+            f"registry, loaded at {loaded}.\n\n{problem_list(problems)}\n\n{REGISTRY_FIX}",
             icon="⚠️",
         )
     elif view.error is not None:
-        st.error(
-            "**Registry failed to load:**\n\n"
-            + "\n".join(f"- {line}" for line in view.error.lines())
-            + f"\n\n{REGISTRY_FIX}"
-        )
+        st.error(f"**Registry failed to load:**\n\n{problem_list(view.error.lines())}\n\n{REGISTRY_FIX}")
         if required:
             st.stop()
     return view.registry

@@ -167,8 +167,8 @@ def active_name(settings: Settings) -> str | None:
     return status.name if status is not None and status.status in ("ready", "starting") else None
 
 
-def controls(names: list[str], current: str | None) -> None:
-    """Model picker, Start / Switch and Stop (Stop works even when the registry cannot be read)."""
+def controls(names: list[str] | None, current: str | None) -> None:
+    """Model picker, Start / Switch and Stop (Stop works even when the registry cannot be read: ``names`` None)."""
     target = None
     if names:
         default = names.index(current) if current in names else 0
@@ -177,6 +177,8 @@ def controls(names: list[str], current: str | None) -> None:
             "Force (start a locked entry even if its weights drifted; recorded as a lock violation)",
             key="active_force",
         )
+    elif names is None:
+        st.info("No model can be started while the registry cannot be read (problems above); Stop still works.")
     else:
         st.info("No process-backed entry (vllm / lmdeploy) to start: remote entries need no activation.")
     left, right, _ = st.columns([1, 1, 4])
@@ -195,7 +197,7 @@ def controls(names: list[str], current: str | None) -> None:
 settings = ui.settings()
 st.title("Active Model")
 registry = ui.registry(settings, required=False)
-controls(dd.process_entries(registry) if registry is not None else [], active_name(settings))
+controls(dd.process_entries(registry) if registry is not None else None, active_name(settings))
 finished = jobs.wait(JOB_KEY, lambda job: render_activation_progress(settings, job))
 if finished is not None:
     st.session_state["active_outcome"] = finished

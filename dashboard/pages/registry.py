@@ -525,17 +525,25 @@ def entries_section(settings: Settings, registry: Registry) -> None:
 settings = ui.settings()
 st.title("Registry")
 ui.show_flash()
-registry = ui.registry(settings)
+# An invalid registry (and no last good one) keeps History: rolling back the last edit is the runbook's fix.
+registry = ui.registry(settings, required=False)
 # Stateful tabs: the open tab survives reruns, only its content runs, and ?registry_tab=History links to it.
 entries_tab, import_tab, history_tab = st.tabs(
     ["Entries", "Import from Download History", "History"], key="registry_tab", bind="query-params"
 )
+NO_REGISTRY = "Unavailable until the registry loads: fix the problems above, or undo the last edit in **History**."
 if entries_tab.open:
     with entries_tab:
-        entries_section(settings, registry)
+        if registry is None:
+            st.info(NO_REGISTRY, icon=":material/history:")
+        else:
+            entries_section(settings, registry)
 if import_tab.open:
     with import_tab:
-        import_section(settings, registry)
+        if registry is None:
+            st.info(NO_REGISTRY, icon=":material/history:")
+        else:
+            import_section(settings, registry)
 if history_tab.open:
     with history_tab:
         history_section(settings)

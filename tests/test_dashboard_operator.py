@@ -1,0 +1,116 @@
+"""The dashboard's operator moments, through Streamlit's AppTest (real files, real processes, real HTTP).
+
+An invalid registry at start (History and rollback stay usable; every problem is listed), an active model that
+left the registry, the Vision Probe page's target and its hints, the Settings page's environment, audit log and
+Test connection hints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, free_port
+from streamlit.testing.v1 import AppTest
+
+from imageworks_core import runtime
+from imageworks_core.registry import update_entry
+from imageworks_core.settings import Settings, get_settings
+
+APP = REPO / "dashboard" / "app.py"
+DEMO = "demo-vision_(CPU)"
+DEMO_TEXT = "demo-text_(CPU)"
+REMOTE = "gpt-4o-mini_(remote)"
+TIMEOUT_S = 90
+
+
+def run(at: AppTest) -> AppTest:
+    """Run and insist the page raised nothing: an error must be an st.error, never an exception."""
+    at.run(timeout=TIMEOUT_S)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def open_page(page: str | None = None, tab: str | None = None) -> AppTest:
+    at = run(AppTest.from_file(str(APP), default_timeout=TIMEOUT_S))
+    if page:
+        at.switch_page(f"pages/{page}.py")
+        run(at)
+    if tab:
+        at.session_state["settings_tab" if page == "settings" else "registry_tab"] = tab
+        run(at)
+    return at
+
+
+def widget(widgets: Any, label: str | re.Pattern[str]) -> Any:
+    found = [w for w in widgets if (label.search(w.label) if isinstance(label, re.Pattern) else w.label == label)]
+    assert found, f"no widget {label!r}; have {[w.label for w in widgets]}"
+    return found[0]
+
+
+def joined(elements: Any) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The demo registry's real-model entries live under ~/ai-models: a fresh HOME makes them reliably missing.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def single_port(root: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings with the single port on a free loopback port; whatever runs there is stopped at teardown."""
+    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
+    monkeypatch.setenv("CHAT_PROXY_VLLM_STOP_TIMEOUT_S", "3")
+    settings = get_settings(root.root)
+    yield settings
+    runtime.stop(settings, reason="test teardown")
+
+
+# Item 13: an invalid registry at dashboard start --------------------------------------------------------------
+ROLLBACK = re.compile(r"roll ?back|undo|restore", re.IGNORECASE)
+
+
+def test_an_invalid_registry_at_start_keeps_history_and_rollback_and_lists_every_problem(root: Settings) -> None:
+    original = root.curated_path.read_text(encoding="utf-8")
+    update_entry(root, DEMO, {"notes": "the last edit"}, command="test edit")
+    root.curated_path.write_text('[\n  {"name": "x",}\n]\n', encoding="utf-8")  # a hand edit gone wrong
+    at = open_page()
+    error = joined(at.error)
+    assert f"{root.curated_path}:2:16: invalid JSON" in error, "the problem names its file:line:col"
+    assert "named above" not in error and "History" in error and "Reload registry" in error
+    assert "Unavailable until the registry loads" in joined(at.info)
+
+    at.session_state["registry_tab"] = "History"
+    run(at)
+    widget(at.button, ROLLBACK).click()
+    run(at)
+    confirm = [b for b in at.button if ROLLBACK.search(b.label) and b.label.lower().startswith("confirm")]
+    assert confirm, [b.label for b in at.button]
+    confirm[0].click()
+    run(at)
+    assert root.curated_path.read_text(encoding="utf-8") == original, "the state before the last edit is back"
+    assert not at.error, "the registry loads again"
+
+
+def test_a_stale_registry_banner_lists_the_problems_it_refers_to(root: Settings) -> None:
+    at = open_page()
+    root.curated_path.write_text('[\n  {"name": "x",}\n]\n', encoding="utf-8")
+    at.switch_page("pages/settings.py")
+    run(at)
+    warning = joined(at.warning)
+    assert "showing the last good registry" in warning
+    assert f"- {root.curated_path}:2:16: invalid JSON" in warning and "named above" not in warning
+
+
+def test_active_model_with_an_invalid_registry_says_why_nothing_can_start(root: Settings) -> None:
+    root.curated_path.write_text("[{", encoding="utf-8")
+    at = open_page("active_model")
+    info = joined(at.info)
+    assert "registry cannot be read" in info and "Stop still works" in info
+    assert "No process-backed entry" not in info, "entries exist; the registry just cannot be read"
+    assert "Stop" in [b.label for b in at.button]
