@@ -287,6 +287,16 @@ class ImageWorks:
         finally:
             self.refresh()
 
+    def accept_new_weights(self, name: str, *, reason: str, progress: ProgressCallback | None = None) -> VerifyResult:
+        """After drift the operator expected (new quant, patch release): unlock with ``reason`` and re-lock at the
+        new hash from a fresh full read, both audited (see :func:`imageworks_core.verification.accept_new_weights`)."""
+        from .verification import accept_new_weights
+
+        try:
+            return accept_new_weights(self.settings, name, reason=reason, progress=progress)
+        finally:
+            self.refresh()
+
     def activate(
         self,
         name: str,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -264,11 +264,13 @@ def lock_entry(
     set_expected: bool = False,
     algorithm: Algorithm = "sha256",
     progress: ProgressCallback | None = None,
+    reason: str | None = None,
 ) -> VerifyResult | None:
     """Lock an entry. ``set_expected``: full read, write the lock manifest, pin the aggregate and lock.
 
     Without ``set_expected`` an entry that already has an expected hash only gets ``locked: true``.
-    Returns the verification that pinned it (None for a plain toggle).
+    ``reason`` (when given) goes into the ``lock`` audit line. Returns the verification that pinned it (None for
+    a plain toggle).
     """
     entry = load_registry(settings=settings).get(name)  # resolves an alias; the lock itself is read under the lock
     actor = audit.current_actor(settings)
@@ -320,7 +322,13 @@ def lock_entry(
         events=[
             (
                 "lock",
-                {"name": entry.name, "expected": manifest.aggregate, "set_expected": True, "lock_file": str(path)},
+                {
+                    "name": entry.name,
+                    "expected": manifest.aggregate,
+                    "set_expected": True,
+                    "lock_file": str(path),
+                    **({"reason": reason.strip()} if reason and reason.strip() else {}),
+                },
             )
         ],
         extra_files={path: json.dumps(payload, indent=2, ensure_ascii=False) + "\n"},
@@ -366,3 +374,41 @@ def unlock_entry(settings: Settings, name: str, *, reason: str) -> None:
         command=f"unlock {entry.name}",
         events=[("unlock", {"name": entry.name, "reason": reason.strip()})],
     )
+
+
+def accept_new_weights(
+    settings: Settings, name: str, *, reason: str, progress: ProgressCallback | None = None
+) -> VerifyResult:
+    """The runbook's "intentional update": the weights changed on purpose (new quant, patch release), so unlock
+    with ``reason`` and re-lock at the hash of a fresh full read, with the pinned algorithm.
+
+    Two audited, journaled changes: ``unlock`` (with the reason; skipped when the entry is only pinned) and
+    ``lock --set-expected`` (the reason again). Adversary: a failure or crash between them (weights removed,
+    unreadable file) leaves the entry unlocked with the reason recorded — never locked to a hash nobody read.
+    """
+    if not reason or not reason.strip():
+        raise UsageError(
+            "accepting new weights needs a reason (the runbook asks for one: ticket or incident reference)"
+        )
+    entry = load_registry(settings=settings).get(name)
+    lock = entry.version_lock
+    if lock is None or not lock.expected_aggregate_sha256:
+        raise UsageError(
+            f"{entry.name!r} has no expected hash to replace: lock it with `imageworks-models lock "
+            f"{shlex.quote(entry.name)} --set-expected`"
+        )
+    directory = weights_dir(settings, entry)
+    if not directory.is_dir():
+        raise WeightsError(f"weights of {entry.name!r} are missing ({directory}): nothing to accept")
+    if lock.locked:
+        unlock_entry(settings, entry.name, reason=reason)
+    result = lock_entry(
+        settings,
+        entry.name,
+        set_expected=True,
+        algorithm=cast(Algorithm, lock.algorithm),
+        progress=progress,
+        reason=reason,
+    )
+    assert result is not None  # set_expected always returns the pinning verification
+    return result

@@ -213,3 +213,34 @@ def test_stat_cache_from_an_older_history_db_is_a_miss_not_a_crash(root: Setting
     assert first.result == "ok" and sorted(first.rehashed) == sorted(r[0] for r in rows)  # all missed: re-read
     second = verify_entry(root, DEMO, fast=True)
     assert second.result == "ok" and second.rehashed == []  # the migrated table now holds full keys
+
+
+def test_accept_new_weights_unlocks_with_the_reason_and_relocks_at_the_new_hash(root: Settings) -> None:
+    from imageworks_core.errors import UsageError, WeightsError
+    from imageworks_core.service import ImageWorks
+
+    iw = ImageWorks(root)
+    old = lock_entry(root, DEMO, set_expected=True).aggregate
+    with open(weights(root) / "LICENSE", "a", encoding="utf-8") as handle:
+        handle.write("patch release\n")
+    assert iw.verify(DEMO).result == "drift" and iw.status(DEMO).drifted
+    with pytest.raises(UsageError, match="needs a reason"):
+        iw.accept_new_weights(DEMO, reason="  ")
+    assert load_registry(force=True, settings=root).get(DEMO).locked, "no reason, nothing changed"
+    result = iw.accept_new_weights(DEMO, reason="CHG-7: licence text updated upstream")
+    lock = load_registry(force=True, settings=root).get(DEMO).version_lock
+    assert lock is not None and lock.locked and lock.expected_aggregate_sha256 == result.aggregate != old
+    assert [e["reason"] for e in audit_events(root, "unlock")] == ["CHG-7: licence text updated upstream"]
+    relock = audit_events(root, "lock")[-1]
+    assert relock["set_expected"] and relock["expected"] == result.aggregate
+    assert relock["reason"] == "CHG-7: licence text updated upstream"
+    assert iw.verify(DEMO).result == "ok" and not iw.status(DEMO).drifted, "the service serves the new lock at once"
+    with pytest.raises(UsageError, match="no expected hash to replace"):
+        iw.accept_new_weights("demo-text_(CPU)", reason="x")
+    (weights(root) / "LICENSE").unlink()
+    for child in weights(root).iterdir():
+        child.unlink()
+    weights(root).rmdir()
+    with pytest.raises(WeightsError, match="missing"):
+        iw.accept_new_weights(DEMO, reason="x")
+    assert load_registry(force=True, settings=root).get(DEMO).locked, "missing weights: refused before unlocking"
