@@ -213,42 +213,93 @@ def lock_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> 
 
 
 # Edit metadata ------------------------------------------------------------------------------------------------
+# Widget key suffix of each form field (``edit_<suffix>:<name>``, ``import_<suffix>:<key>``).
+_FIELD_KEYS = {"served_model_id": "served", "role_priority": "priority", "generation_defaults": "generation"}
+_ARGV_HELP = (
+    "One argument per line, or a JSON list of strings. Never a shell string. Placeholders: {model_path} {host} "
+    "{port} {served_model_id} {name} {python}."
+)
+
+
+def curated_fields(prefix: str, key: str, defaults: dict[str, typing.Any], role_options: list[str]) -> dict:
+    """The curated-field widgets the edit and import forms share (inside a form): values by field name.
+
+    ``defaults`` holds each field's initial value; a field absent from it is not on the form.
+    """
+
+    def k(field: str) -> str:
+        return f"{prefix}_{_FIELD_KEYS.get(field, field)}:{key}"
+
+    v: dict[str, typing.Any] = {}
+    v["display_name"] = st.text_input("Display name", value=defaults["display_name"], key=k("display_name"))
+    if "served_model_id" in defaults:
+        v["served_model_id"] = st.text_input(
+            "Served model id", value=defaults["served_model_id"], key=k("served_model_id")
+        )
+    v["download_path"] = st.text_input(
+        "download_path",
+        value=defaults["download_path"],
+        key=k("download_path"),
+        help="Where the weights are (absolute, or relative to the root). Fix it here when the folder moved; "
+        "the curated value overrides the discovered one.",
+    )
+    v["aliases"] = st.text_area("Aliases (one per line)", value=defaults["aliases"], height=68, key=k("aliases"))
+    v["roles"] = st.multiselect("Roles", role_options, default=defaults["roles"], key=k("roles"))
+    v["role_priority"] = st.number_input(
+        "Role priority (higher wins)", value=int(defaults["role_priority"]), step=1, key=k("role_priority")
+    )
+    v["capabilities"] = st.multiselect(
+        "Capabilities", list(CAPABILITY_NAMES), default=defaults["capabilities"], key=k("capabilities")
+    )
+    v["launch"] = st.text_area(
+        "Launch argv (empty: the backend's default)", value=defaults["launch"], key=k("launch"), help=_ARGV_HELP
+    )
+    v["extra_args"] = st.text_area(
+        "Extra args (appended to the launch argv)",
+        value=defaults["extra_args"],
+        height=68,
+        key=k("extra_args"),
+        help=_ARGV_HELP,
+    )
+    v["env"] = st.text_area(
+        "Environment (KEY=VALUE per line, or a JSON object)", value=defaults["env"], height=68, key=k("env")
+    )
+    if "backend_config" in defaults:
+        v["backend_config"] = st.text_area(
+            "Other backend_config (JSON)",
+            value=defaults["backend_config"],
+            height=120,
+            key=k("backend_config"),
+            help="base_url, host, port, health_path, startup_timeout_s, api_key_env.",
+        )
+    if "generation_defaults" in defaults:
+        v["generation_defaults"] = st.text_area(
+            "generation_defaults (JSON)", value=defaults["generation_defaults"], key=k("generation_defaults")
+        )
+    v["profiles"] = st.text_input(
+        "Profiles (comma-separated; empty: every profile)", value=defaults["profiles"], key=k("profiles")
+    )
+    left, right = st.columns(2)
+    v["testing"] = left.checkbox("Testing (hidden by default)", value=defaults["testing"], key=k("testing"))
+    v["deprecated"] = right.checkbox("Deprecated", value=defaults["deprecated"], key=k("deprecated"))
+    v["notes"] = st.text_area("Notes", value=defaults["notes"], key=k("notes"))
+    return v
+
+
 def edit_metadata_section(settings: Settings, registry: Registry, entry: ModelEntry) -> None:
     """A form over the curated fields an operator owns; shows the diff, validates, saves atomically."""
     name = entry.name
     defaults = dd.metadata_defaults(registry, name)
     role_options = sorted(set(KNOWN_ROLES) | {r for e in registry for r in e.roles})
     with st.form(key=f"edit:{name}"):
-        roles = st.multiselect("Roles", role_options, default=defaults["roles"], key=f"edit_roles:{name}")
-        capabilities = st.multiselect(
-            "Capabilities", list(CAPABILITY_NAMES), default=defaults["capabilities"], key=f"edit_capabilities:{name}"
-        )
-        role_priority = st.number_input(
-            "Role priority (higher wins)", value=int(defaults["role_priority"]), step=1, key=f"edit_priority:{name}"
-        )
-        backend_config = st.text_area(
-            "backend_config (JSON)", value=defaults["backend_config"], height=180, key=f"edit_backend_config:{name}"
-        )
-        generation_defaults = st.text_area(
-            "generation_defaults (JSON)", value=defaults["generation_defaults"], key=f"edit_generation:{name}"
-        )
-        notes = st.text_area("Notes", value=defaults["notes"], key=f"edit_notes:{name}")
+        values = curated_fields("edit", name, defaults, role_options)
         left, right = st.columns(2)
         preview = left.form_submit_button("Preview diff", disabled=jobs.busy(), key=f"edit_preview:{name}")
         save = right.form_submit_button("Save", type="primary", disabled=jobs.busy(), key=f"edit_save:{name}")
     if not (preview or save):
         return
     try:
-        changes = dd.metadata_changes(
-            registry,
-            name,
-            roles=roles,
-            capabilities=capabilities,
-            role_priority=int(role_priority),
-            backend_config=backend_config,
-            generation_defaults=generation_defaults,
-            notes=notes,
-        )
+        changes = dd.metadata_changes(registry, name, **values)
     except UsageError as exc:
         ui.show_error(exc, "Edit metadata (nothing saved)")
         return
@@ -377,11 +428,7 @@ def import_section(settings: Settings, registry: Registry) -> None:
             help="A discovered entry keeps its name so the discovered facts (path, size, files) merge into it.",
         )
         backend = st.selectbox("Backend", backends, index=0, key=f"import_backend:{key}")
-        served = st.text_input("Served model id", value=candidate.repo_id or "", key=f"import_served:{key}")
-        roles = st.multiselect("Roles", list(KNOWN_ROLES), key=f"import_roles:{key}")
-        capabilities = st.multiselect(
-            "Capabilities", list(CAPABILITY_NAMES), default=["text"], key=f"import_capabilities:{key}"
-        )
+        values = curated_fields("import", key, dd.import_defaults(candidate), list(KNOWN_ROLES))
         left, right = st.columns(2)
         preview = left.form_submit_button("Preview diff", key=f"import_preview:{key}")
         add = right.form_submit_button("Add to curated", type="primary", key=f"import_add:{key}")
@@ -389,9 +436,7 @@ def import_section(settings: Settings, registry: Registry) -> None:
         return
     name = candidate.name if candidate.origin == "discovered" else name.strip()
     try:
-        changes = dd.import_changes(
-            candidate, backend=backend, served_model_id=served, roles=roles, capabilities=capabilities
-        )
+        changes = dd.import_changes(candidate, backend=backend, **values)
     except UsageError as exc:
         ui.show_error(exc, "Import (nothing saved)")
         return

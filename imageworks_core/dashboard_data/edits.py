@@ -20,20 +20,103 @@ from .registry_view import service_for
 _FAILED_DOWNLOAD = ("fail", "error", "cancel", "partial", "incomplete", "running")
 
 
-# Edit metadata --------------------------------------------------------------------------------------------
+# Edit metadata ------------------------------------------------------------------------------------------------
+# backend_config keys with a field of their own in the forms; the backend_config JSON box holds the rest.
+_ARGV_FIELDS = ("launch", "extra_args", "env")
+_EMPTY: dict[str, Any] = {"launch": None, "extra_args": [], "env": {}}
+
+
 def _json_text(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+def _lines_text(values: Iterable[str]) -> str:
+    return "\n".join(values)
+
+
+def argv_text(argv: list[str] | None) -> str:
+    """An argv list as the form shows it: one argument per line, or a JSON list when a line could not say it
+    (an empty argument, surrounding whitespace, a line break)."""
+    if not argv:
+        return ""
+    if all(arg and arg == arg.strip() and "\n" not in arg and not arg.startswith("[") for arg in argv):
+        return _lines_text(argv)
+    return json.dumps(argv, ensure_ascii=False)
+
+
+def env_text(env: dict[str, str]) -> str:
+    """An environment as the form shows it: KEY=VALUE lines, or a JSON object when a value spans lines."""
+    if any("\n" in v or v != v.strip() for v in env.values()):
+        return _json_text(env)
+    return _lines_text(f"{k}={v}" for k, v in env.items())
+
+
+def parse_argv(field_name: str, text: str) -> list[str]:
+    """Form text to an argv list: a JSON list of strings (``[`` first), else one argument per line (each line
+    stripped, blank lines skipped). Never a shell string: nothing is split on spaces."""
+    stripped = text.strip()
+    if not stripped:
+        return []
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"{field_name}: invalid JSON list at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                "(write a JSON list of strings, or one argument per line)"
+            ) from exc
+        if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+            raise UsageError(f"{field_name}: expected a JSON list of strings, or one argument per line")
+        return value
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """Form text to an environment: a JSON object of strings (``{`` first), else KEY=VALUE lines."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        value = _parse_json_object("env", stripped)
+        bad = [k for k, v in value.items() if not isinstance(v, str)]
+        if bad:
+            raise UsageError(f'env: the value of {bad[0]} must be a string (quote numbers: "1")')
+        return value
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"env: line {number} {line.strip()!r} is not KEY=VALUE")
+        env[key.strip()] = value.strip()
+    return env
+
+
+def _names(text: str, *, sep: str | None = None) -> list[str]:
+    parts = text.split(sep) if sep else text.splitlines()
+    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
 def metadata_defaults(registry: Registry, name: str) -> dict[str, Any]:
-    """The Edit-metadata form's initial values, from the merged entry."""
+    """The Edit-metadata form's initial values, from the merged entry (the keyword arguments of
+    :func:`metadata_changes`, as the form's widgets hold them)."""
     entry = registry.entries[name]
+    config = entry.backend_config.model_dump(mode="json", exclude_defaults=True)
     return {
+        "display_name": entry.display_name or "",
+        "served_model_id": entry.served_model_id or "",
+        "download_path": entry.download_path or "",
+        "aliases": _lines_text(entry.model_aliases),
         "roles": list(entry.roles),
         "capabilities": entry.capabilities.enabled(),
         "role_priority": entry.role_priority,
-        "backend_config": _json_text(entry.backend_config.model_dump(mode="json", exclude_defaults=True)),
+        "launch": argv_text(entry.backend_config.launch),
+        "extra_args": argv_text(entry.backend_config.extra_args),
+        "env": env_text(entry.backend_config.env),
+        "backend_config": _json_text({k: v for k, v in config.items() if k not in _ARGV_FIELDS}),
         "generation_defaults": _json_text(entry.generation_defaults),
+        "profiles": ", ".join(entry.profiles),
+        "testing": entry.testing,
+        "deprecated": entry.deprecated,
         "notes": entry.notes or "",
     }
 
@@ -51,6 +134,32 @@ def _parse_json_object(field_name: str, text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{field_name}: expected a JSON object {{...}}, got {type(value).__name__}")
     return value
+
+
+def backend_config_from_form(
+    current: dict[str, Any], config_json: str, *, launch: str | None, extra_args: str | None, env: str | None
+) -> dict[str, Any]:
+    """The backend_config the form states: the JSON box, with launch / extra_args / env from their own fields.
+
+    ``current`` is the entry's backend_config (defaults excluded). A field left as it was keeps the JSON box's
+    value for that key (or the current one); a changed field wins, and the JSON box naming the same key with
+    another value is refused (two answers to one question). ``None`` for a field means the form has none.
+    """
+    config = _parse_json_object("backend_config", config_json)
+    texts = {"launch": launch, "extra_args": extra_args, "env": env}
+    for key in _ARGV_FIELDS:
+        was = current.get(key, _EMPTY[key])
+        text = texts[key]
+        value = was if text is None else parse_env(text) if key == "env" else parse_argv(key, text) or _EMPTY[key]
+        if value == was:
+            config.setdefault(key, was)
+        elif key in config and config[key] != value:
+            raise UsageError(
+                f"{key}: set both in its own field and in backend_config (JSON) with different values; keep one"
+            )
+        else:
+            config[key] = value
+    return {k: v for k, v in config.items() if not (k in _EMPTY and v == _EMPTY[k])}
 
 
 def capability_changes(registry: Registry, name: str, enabled: Iterable[str]) -> dict[str, bool]:
@@ -80,16 +189,40 @@ def metadata_changes(
     backend_config: str,
     generation_defaults: str,
     notes: str,
+    display_name: str | None = None,
+    served_model_id: str | None = None,
+    download_path: str | None = None,
+    aliases: str | None = None,
+    launch: str | None = None,
+    extra_args: str | None = None,
+    env: str | None = None,
+    profiles: str | None = None,
+    testing: bool | None = None,
+    deprecated: bool | None = None,
 ) -> dict[str, Any]:
     """The curated fields an Edit-metadata submission changes (only those that differ from the merged entry).
 
-    JSON text fields are parsed here; a syntax error raises UsageError naming the field.
+    Text fields are parsed here (aliases one per line, profiles comma-separated, launch / extra_args as a JSON
+    list or one argument per line, env as KEY=VALUE lines or a JSON object); a syntax error raises UsageError
+    naming the field. A keyword left ``None`` is not on the form and changes nothing. The schema (invisible
+    characters in an alias, unknown launch placeholders, ...) is checked by the registry preview, not here.
     """
     entry = registry.entries[name]
-    current = metadata_defaults(registry, name)
-    new_backend_config = _parse_json_object("backend_config", backend_config)
+    current_config = entry.backend_config.model_dump(mode="json", exclude_defaults=True)
+    new_backend_config = backend_config_from_form(
+        current_config, backend_config, launch=launch, extra_args=extra_args, env=env
+    )
     new_generation = _parse_json_object("generation_defaults", generation_defaults)
     changes: dict[str, Any] = {}
+    for key, text, was in (
+        ("display_name", display_name, entry.display_name),
+        ("served_model_id", served_model_id, entry.served_model_id),
+        ("download_path", download_path, entry.download_path),
+    ):
+        if text is not None and (text.strip() or None) != was:
+            changes[key] = text.strip() or None
+    if aliases is not None and _names(aliases) != list(entry.model_aliases):
+        changes["model_aliases"] = _names(aliases)
     roles = list(dict.fromkeys(r.strip() for r in roles if r.strip()))
     if roles != list(entry.roles):
         changes["roles"] = roles
@@ -98,10 +231,15 @@ def metadata_changes(
         changes["capabilities"] = capability_changes(registry, name, enabled)
     if int(role_priority) != entry.role_priority:
         changes["role_priority"] = int(role_priority)
-    if new_backend_config != json.loads(current["backend_config"]):
+    if new_backend_config != current_config:
         changes["backend_config"] = new_backend_config
     if new_generation != entry.generation_defaults:
         changes["generation_defaults"] = new_generation
+    if profiles is not None and _names(profiles, sep=",") != list(entry.profiles):
+        changes["profiles"] = _names(profiles, sep=",")
+    for key, flag, was_flag in (("testing", testing, entry.testing), ("deprecated", deprecated, entry.deprecated)):
+        if flag is not None and bool(flag) != was_flag:
+            changes[key] = bool(flag)
     new_notes = notes.strip() or None
     if new_notes != entry.notes:
         changes["notes"] = new_notes
@@ -248,6 +386,26 @@ def import_candidates(registry: Registry, downloads: Iterable[dict[str, Any]]) -
     return out
 
 
+def import_defaults(candidate: ImportCandidate) -> dict[str, Any]:
+    """The Import form's initial values (the keyword arguments of :func:`import_changes` it shows)."""
+    return {
+        "display_name": "",
+        "served_model_id": candidate.repo_id or "",
+        "download_path": candidate.path or "",
+        "aliases": "",
+        "roles": [],
+        "role_priority": 0,
+        "capabilities": ["text"],
+        "launch": "",
+        "extra_args": "",
+        "env": "",
+        "profiles": "",
+        "testing": False,
+        "deprecated": False,
+        "notes": "",
+    }
+
+
 def import_changes(
     candidate: ImportCandidate,
     *,
@@ -255,18 +413,50 @@ def import_changes(
     served_model_id: str,
     roles: Iterable[str],
     capabilities: Iterable[str],
+    display_name: str = "",
+    download_path: str | None = None,
+    aliases: str = "",
+    role_priority: int = 0,
+    launch: str = "",
+    extra_args: str = "",
+    env: str = "",
+    profiles: str = "",
+    testing: bool = False,
+    deprecated: bool = False,
+    notes: str = "",
 ) -> dict[str, Any]:
-    """The new curated entry's fields: the operator's metadata over the download facts (when not discovered)."""
+    """The new curated entry's fields: the operator's metadata over the download facts (when not discovered).
+
+    Text fields parse as in :func:`metadata_changes`; only fields that differ from the schema default are
+    written, so the new entry reads as what the operator decided. ``download_path`` overrides the candidate's
+    directory only when it differs from it (the fix for weights that moved).
+    """
     wanted = set(capabilities)
     unknown = wanted - set(CAPABILITY_NAMES)
     if unknown:
         raise UsageError(f"capabilities: unknown {', '.join(sorted(unknown))}; valid: {', '.join(CAPABILITY_NAMES)}")
+    config = backend_config_from_form({}, "", launch=launch, extra_args=extra_args, env=env)
     changes: dict[str, Any] = copy.deepcopy(candidate.base)
+    if download_path is not None and download_path.strip() and download_path.strip() != (candidate.path or ""):
+        changes["download_path"] = download_path.strip()
+    if display_name.strip():
+        changes["display_name"] = display_name.strip()
     changes["backend"] = backend
     if served_model_id.strip():
         changes["served_model_id"] = served_model_id.strip()
+    if _names(aliases):
+        changes["model_aliases"] = _names(aliases)
     changes["roles"] = list(dict.fromkeys(r.strip() for r in roles if r.strip()))
+    if int(role_priority):
+        changes["role_priority"] = int(role_priority)
     changes["capabilities"] = {c: c in wanted for c in CAPABILITY_NAMES if c in wanted or c == "text"}
+    if config:
+        changes["backend_config"] = config
+    if _names(profiles, sep=","):
+        changes["profiles"] = _names(profiles, sep=",")
+    changes.update({k: True for k, on in (("testing", testing), ("deprecated", deprecated)) if on})
+    if notes.strip():
+        changes["notes"] = notes.strip()
     return changes
 
 
@@ -286,5 +476,3 @@ def revision_rows(settings: Settings, name: str | None = None, limit: int = 100)
         }
         for row in history.list_revisions(settings, name, limit)
     ]
-
-
