@@ -218,6 +218,33 @@ def test_crash_at_start_exits_6_with_log_tail_and_leaves_failed_not_starting(rt:
     runtime.stop(rt.settings)
 
 
+def test_a_launch_binary_missing_from_path_leaves_a_failed_state_until_the_next_stop(rt: Runtime, cli) -> None:
+    rt.registry(demo_entry(A, "test/alpha", backend_config={"launch": ["no-such-vllm-binary", "serve", "{port}"]}))
+    result = cli("activate-model", A)
+    assert result.code == 6 and "'no-such-vllm-binary': No such file or directory" in result.err
+    state = rt.state_json()
+    assert state is not None and state["status"] == "failed" and state["pid"] == 0
+    assert "no-such-vllm-binary" in state["error"] and "on PATH" in state["error"]
+    assert any("no-such-vllm-binary" in line for line in state["log_tail"])
+    shown = cli("current-model")
+    assert shown.code == 0 and "status:    failed" in shown.out and "no-such-vllm-binary" in shown.out
+    as_json = json.loads(cli("current-model", "--json").out)
+    assert as_json["status"] == "failed" and as_json["log_tail"] == state["log_tail"]
+    assert cli("activate-model", "--stop").code == 0
+    assert rt.state_json() is None and cli("current-model").out.strip() == "no model active"
+
+
+def test_a_preflight_failure_is_recorded_but_never_replaces_a_running_backend(rt: Runtime, cli) -> None:
+    rt.registry(demo_entry(A, "test/alpha"), demo_entry(B, "test/beta", download_path="demo/models/missing"))
+    assert cli("activate-model", B).code == 7
+    state = rt.state_json()
+    assert state["status"] == "failed" and state["name"] == B and "weights" in state["error"]
+    assert runtime.activate(rt.settings, A).status == "ready"
+    assert cli("activate-model", B).code == 7
+    assert rt.state_json()["status"] == "ready" and rt.state_json()["name"] == A
+    runtime.stop(rt.settings)
+
+
 def test_unhealthy_backend_times_out_and_its_group_is_stopped(rt: Runtime, cli) -> None:
     rt.registry(demo_entry(A, "test/alpha", "--unhealthy"))
     started = time.monotonic()
@@ -263,6 +290,53 @@ def test_interrupted_activation_stops_the_backend_and_marks_failed(rt: Runtime) 
 
 
 # Stopping ------------------------------------------------------------------------------------------------
+def slow_bash_entry(seconds: int) -> dict[str, Any]:
+    """The issue's slow start: a shell that sleeps (a child in the backend's group) before exec'ing the backend."""
+    return demo_entry(
+        A,
+        "test/alpha",
+        backend_config={
+            "launch": ["bash", "-c", f'sleep {seconds}; exec "$@"', "-"] + demo_launch(),
+            "startup_timeout_s": 60,
+        },
+    )
+
+
+def test_stop_from_the_cli_cancels_a_slow_start_within_two_seconds(rt: Runtime, cli) -> None:
+    rt.registry(slow_bash_entry(25))
+    activator = subprocess.Popen(
+        [sys.executable, "-m", "imageworks_core.cli", "activate-model", A],
+        env=rt.cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while (rt.state_json() or {}).get("status") != "starting" or not rt.processes():
+            assert time.monotonic() < deadline and activator.poll() is None, activator.stderr
+            time.sleep(0.05)
+        progress = runtime.activation_in_progress(rt.settings)
+        assert progress is not None and progress.name == A and progress.phase in ("starting", "waiting")
+        started = time.monotonic()
+        stopped = cli("activate-model", "--stop")
+        took = time.monotonic() - started
+        assert stopped.code == 0, stopped.err
+        assert f"cancelled the start of {A!r}" in stopped.out
+        assert took < 2.0, took
+        assert rt.processes() == [] and rt.state_json() is None
+        assert runtime.activation_in_progress(rt.settings) is None
+        _out, err = activator.communicate(timeout=10)
+        assert activator.returncode == 6 and f"the start of {A!r} was cancelled" in err
+    finally:
+        if activator.poll() is None:
+            activator.kill()
+    row = history.list_activations(rt.settings)[0]
+    assert (row["name"], row["action"], row["result"]) == (A, "activate", "cancelled")
+    assert read_events(rt.settings, "activation_cancelled")[0]["name"] == A
+    assert cli("current-model").out.strip() == "no model active"
+
+
 def test_sigterm_ignoring_backend_is_killed_after_the_stop_timeout(rt: Runtime, cli) -> None:
     rt.registry(demo_entry(A, "test/alpha", "--ignore-sigterm"))
     state = runtime.activate(rt.settings, A)
@@ -448,7 +522,7 @@ def escaping_entry(sleeper_code: str) -> dict[str, Any]:
     escape = (
         "import os, subprocess, sys; "
         "subprocess.run([sys.executable, '-c', "
-        f"'import subprocess, sys; subprocess.Popen([sys.executable, \"-c\", \"{sleeper_code}\"], "
+        f'\'import subprocess, sys; subprocess.Popen([sys.executable, "-c", "{sleeper_code}"], '
         "start_new_session=True)'], check=True); "
         "os.execv(sys.executable, [sys.executable, '-m', 'imageworks_demo.server', *sys.argv[1:]])"
     )
@@ -477,9 +551,7 @@ def test_a_child_that_escaped_the_group_is_stopped_by_the_launch_marker(rt: Runt
     assert gone(state.pid) and gone(runaway.pid) and rt.processes() == []
 
 
-def test_stop_exits_6_naming_a_marked_process_that_survives(
-    rt: Runtime, cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_stop_exits_6_naming_a_marked_process_that_survives(rt: Runtime, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     rt.registry(escaping_entry("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"))
     state = runtime.activate(rt.settings, A)
     runaway = escaped(rt, state)

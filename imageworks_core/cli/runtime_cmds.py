@@ -103,6 +103,8 @@ def activate_model_cmd(
             echo_json(result.to_dict() if result else None)
         elif result is None:
             typer.echo("no model active; nothing to stop")
+        elif result.cancelled and not result.pid:
+            typer.echo(f"cancelled the start of {result.cancelled!r} in {result.stop_s:.2f}s; nothing is running")
         elif result.stale:
             typer.echo(f"stale state for {result.name!r} cleaned ({result.stale_reason}); no process was signalled")
         else:
@@ -163,7 +165,10 @@ def _status_lines(status: runtime.ActiveStatus) -> list[str]:
     else:
         rows.append(("gpu", NO_GPU_MESSAGE))
     width = max(len(key) for key, _ in rows)
-    return [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
+    lines = [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
+    if status.log_tail:
+        lines += [f"--- last {len(status.log_tail)} log lines ---", *status.log_tail]
+    return lines
 
 
 @app.command("current-model")

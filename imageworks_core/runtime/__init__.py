@@ -11,6 +11,8 @@ module, each stating the promises it keeps and against whom:
   stranger on the port is never taken for ours); the readiness poll starts fast and backs off; who holds a port.
 - :mod:`.gpu_fit`: does the next backend fit in GPU memory, has the stopped one released its memory.
 - :mod:`.lock`: the activation lock, so activations and stops never interleave (bounded wait, holder named).
+- :mod:`.inflight`: the activation in progress as every process sees it (phase, elapsed) and the cancel request
+  by which a stop aborts a start within one health poll.
 - :mod:`.activate`: activation (preflight, lock verification, GPU fit, stop, start, abort) and stop; crash
   safety (the launch is recorded before the spawn) and the unreadable-state rule.
 - :mod:`.status`: :func:`current` and :func:`is_serving`, read-only towards processes (they never signal).
@@ -24,8 +26,10 @@ Every activation, stop and failure is an audit-log line and a history row.
 from __future__ import annotations
 
 from ..errors import ActivationError
-from .activate import Phase, ProgressCallback, StopResult, activate, stop
+from .activate import ActivationCancelled, Phase, ProgressCallback, StopResult, activate, stop
 from .gpu_fit import check_gpu_fit
+from .inflight import ActivationProgress
+from .inflight import read_progress as activation_in_progress
 from .logs import LOG_TAIL_LINES, backend_log_path, tail_backend_log
 from .readiness import check_ready, port_holder
 from .state import LAUNCH_ID_ENV, ActiveState, ActiveStatus, read_state
@@ -34,13 +38,16 @@ from .status import current, is_serving
 __all__ = [
     "LAUNCH_ID_ENV",
     "LOG_TAIL_LINES",
+    "ActivationCancelled",
     "ActivationError",
+    "ActivationProgress",
     "ActiveState",
     "ActiveStatus",
     "Phase",
     "ProgressCallback",
     "StopResult",
     "activate",
+    "activation_in_progress",
     "backend_log_path",
     "check_gpu_fit",
     "check_ready",

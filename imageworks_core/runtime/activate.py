@@ -16,12 +16,15 @@ backend there. Each activation and stop holds the activation lock (:mod:`.lock`)
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import psutil
@@ -34,10 +37,10 @@ from ..registry import Registry, load_registry
 from ..schema import ModelEntry
 from ..settings import Settings
 from ..upstream import endpoint_for, single_port_endpoint
-from . import process, readiness
+from . import inflight, process, readiness
 from .gpu_fit import check_gpu_fit, wait_gpu_release
-from .lock import activation_lock, lock_wait
-from .logs import LOG_TAIL_LINES, open_log, tail
+from .lock import activation_lock, lock_wait, try_lock
+from .logs import LOG_TAIL_LINES, backend_log_path, open_log, tail
 from .process import identify, processes_of, terminate
 from .readiness import check_ready, health_client, health_path, port_holder, server_root
 from .state import ActiveState, clear_state, read_state_lenient, write_state
@@ -59,19 +62,72 @@ class StopResult:
     stale_reason: str | None = None
     gpu_released: bool | None = None
     warnings: list[str] | None = None
+    cancelled: str | None = None
+    """The entry whose start this stop cancelled (its processes were stopped by the activation itself)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+class ActivationCancelled(BackendError):
+    """The start was cancelled (``activate-model --stop``, the dashboard's Cancel): exit 6."""
+
+
+PROGRESS_WRITE_S = 0.5
+"""While a backend loads: how often the progress record (:mod:`.inflight`) is rewritten with the latest detail."""
+
+
 class _Progress:
-    def __init__(self, callback: ProgressCallback | None) -> None:
+    """Reports the phases to the caller and, once the activation holds the lock, to every other process (the
+    progress record); checks for a cancel request at every call, so a cancel is seen within one health poll."""
+
+    def __init__(self, settings: Settings, name: str, callback: ProgressCallback | None) -> None:
+        self.settings = settings
         self.callback = callback
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.record = inflight.ActivationProgress(
+            name=name,
+            phase="preflight",
+            started_at=datetime.now(UTC),
+            updated_at=datetime.now(UTC),
+            activated_by=current_actor(settings),
+            pid=os.getpid(),
+        )
+        self.holding = False  # set while the activation lock is held: only then is the record ours to write
+        self.written = 0.0
 
     def __call__(self, phase: Phase, detail: str = "") -> None:
+        if self.holding:
+            if phase not in ("ready", "failed"):  # those report an outcome already decided
+                self._raise_if_cancelled()
+            now = time.monotonic()
+            if phase != self.record.phase or now - self.written >= PROGRESS_WRITE_S:
+                update = {"phase": phase, "detail": detail, "updated_at": datetime.now(UTC)}
+                self.record = self.record.model_copy(update=update)
+                inflight.write_progress(self.settings, self.record)
+                self.written = now
         if self.callback is not None:
             self.callback(phase, time.monotonic() - self.started, detail)
+
+    def _raise_if_cancelled(self) -> None:
+        request = inflight.cancel_request(self.settings, self.started_wall)
+        if request is not None:
+            who = request.get("actor") or "someone"
+            raise ActivationCancelled(
+                f"the start of {self.record.name!r} was cancelled by {who} ({request.get('reason') or 'stop'})"
+            )
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """While the caller holds the activation lock: publish the progress record, and remove it after."""
+        self.holding = True
+        inflight.write_progress(self.settings, self.record)
+        try:
+            yield
+        finally:
+            self.holding = False
+            inflight.clear_progress(self.settings)
 
 
 # Activation ----------------------------------------------------------------------------------------------
@@ -95,7 +151,7 @@ def activate(
     log tail. ``on_progress(phase, elapsed_s, detail)`` is called as phases change and on every health poll.
     Activating the entry that is already ready and healthy (same argv) returns its state untouched.
     """
-    progress = _Progress(on_progress)
+    progress = _Progress(settings, name, on_progress)
     progress("preflight", f"checking {name!r}")
     entry = (registry or load_registry(settings=settings)).get(name)
     if not entry.is_process_backend:
@@ -108,52 +164,68 @@ def activate(
         argv = expand_launch(entry, settings, require_weights=True)
     except ImageWorksError as exc:
         _fail(settings, entry, f"preflight: {exc.message}")
+        _leave_failed(settings, entry, f"preflight: {exc.message}")
         raise
-    _check_lock(settings, entry, force, progress, registry)
+    _check_lock(settings, entry, force, progress, registry)  # a refusal is no failed start: no state recorded
 
     start_timeout = start_timeout_for(settings, entry, timeout_s)
     progress("lock", "waiting for the activation lock")
-    with activation_lock(settings, lock_wait(settings, start_timeout), f"activating {entry.name!r}"):
-        previous, problem = read_state_lenient(settings)
-        if problem:
-            error = unreadable_state_error(settings, problem)
-            if error is not None:
-                _fail(settings, entry, error.message)
-                raise error
-        if _already_active(settings, previous, entry, argv):
-            assert previous is not None
-            progress("ready", f"{entry.name!r} is already active")
-            return previous
-        progress("gpu", "checking GPU memory")
-        reclaimable = [p.pid for p in processes_of(previous)] if previous else []
+    with (
+        activation_lock(settings, lock_wait(settings, start_timeout), f"activating {entry.name!r}"),
+        progress.locked(),
+    ):
         try:
-            gpu_note = check_gpu_fit(settings, entry, argv, reclaimable)
-        except BackendError as exc:
-            _fail(settings, entry, exc.message)
+            return _activate_locked(settings, entry, argv, start_timeout, progress)
+        except ActivationCancelled as exc:
+            _cancelled(settings, entry, exc.message)
             raise
-        progress("gpu", gpu_note)
 
-        stop_s = 0.0
-        if previous is not None:
-            progress("stopping", f"stopping {previous.name!r} (pid {previous.pid})")
-            try:
-                stop_s = stop_locked(settings, previous, reason=f"switching to {entry.name!r}").stop_s
-            except BackendError as exc:
-                _fail(settings, entry, f"could not stop {previous.name!r}: {exc.message}")
-                raise
-        elif problem:
-            progress("stopping", f"ignoring {problem}")
-            clear_state(settings)
 
-        holder = port_holder(settings.vllm_host, settings.vllm_port)
-        if holder:
-            message = (
-                f"port {settings.vllm_port} on {settings.vllm_host} is already in use by {holder}; it is not a "
-                "backend ImageWorks started, so it was left alone: stop it or set CHAT_PROXY_VLLM_PORT"
-            )
-            _fail(settings, entry, message, stop_s=stop_s)
-            raise BackendError(message)
-        return _start(settings, entry, argv, start_timeout, stop_s, previous, progress)
+def _activate_locked(
+    settings: Settings, entry: ModelEntry, argv: list[str], start_timeout: float, progress: _Progress
+) -> ActiveState:
+    """The part of :func:`activate` under the activation lock: stop the current backend, start ``entry``."""
+    previous, problem = read_state_lenient(settings)
+    if problem:
+        error = unreadable_state_error(settings, problem)
+        if error is not None:
+            _fail(settings, entry, error.message)
+            raise error
+    if _already_active(settings, previous, entry, argv):
+        assert previous is not None
+        progress("ready", f"{entry.name!r} is already active")
+        return previous
+    progress("gpu", "checking GPU memory")
+    reclaimable = [p.pid for p in processes_of(previous)] if previous else []
+    try:
+        gpu_note = check_gpu_fit(settings, entry, argv, reclaimable)
+    except BackendError as exc:
+        _fail(settings, entry, exc.message)
+        raise
+    progress("gpu", gpu_note)
+
+    stop_s = 0.0
+    if previous is not None:
+        progress("stopping", f"stopping {previous.name!r} (pid {previous.pid})")
+        try:
+            stop_s = stop_locked(settings, previous, reason=f"switching to {entry.name!r}").stop_s
+        except BackendError as exc:
+            _fail(settings, entry, f"could not stop {previous.name!r}: {exc.message}")
+            raise
+    elif problem:
+        progress("stopping", f"ignoring {problem}")
+        clear_state(settings)
+
+    holder = port_holder(settings.vllm_host, settings.vllm_port)
+    if holder:
+        message = (
+            f"port {settings.vllm_port} on {settings.vllm_host} is already in use by {holder}; it is not a "
+            "backend ImageWorks started, so it was left alone: stop it or set CHAT_PROXY_VLLM_PORT"
+        )
+        # No failed state: the port is someone else's, and the message says whose.
+        _fail(settings, entry, message, stop_s=stop_s)
+        raise BackendError(message)
+    return _start(settings, entry, argv, start_timeout, stop_s, previous, progress)
 
 
 def start_timeout_for(settings: Settings, entry: ModelEntry | None, timeout_s: float | None) -> float:
@@ -200,6 +272,56 @@ def _fail(settings: Settings, entry: ModelEntry, reason: str, *, pid: int | None
     _history_row(settings, entry.name, "activate", "failed", reason, pid=pid, start_to_ready_s=None, stop_s=stop_s)
 
 
+def _new_state(
+    settings: Settings,
+    entry: ModelEntry,
+    argv: list[str],
+    status: Literal["starting", "failed"],
+    *,
+    launch_id: str | None = None,
+    log_path: Path | None = None,
+    **fields: Any,
+) -> ActiveState:
+    """A fresh state for ``entry`` on the single port (pid 0: nothing spawned yet)."""
+    return ActiveState(
+        name=entry.name,
+        served_model_id=entry.effective_served_id,
+        pid=0,
+        create_time=0.0,
+        pgid=0,
+        launch_id=launch_id,
+        host=settings.vllm_host,
+        port=settings.vllm_port,
+        base_url=single_port_endpoint(settings),
+        argv=argv,
+        started_at=datetime.now(UTC),
+        status=status,
+        log_path=str(log_path or backend_log_path(settings, entry.name)),
+        activated_by=current_actor(settings),
+        **fields,
+    )
+
+
+def _leave_failed(settings: Settings, entry: ModelEntry, reason: str) -> None:
+    """Record a start that failed in preflight (missing weights, a bad launch template) as a ``failed`` state,
+    saying why, until the next start or stop; unless the state describes a backend of ours that still runs (that
+    record must not be lost) or another activation holds the lock (the state is its to write).
+
+    Refusals (a lock violation, the GPU fit, a stranger on the port) change nothing on the port and leave the
+    state as it was; their audit line and history row say why.
+    """
+    lock = try_lock(settings)
+    if lock is None:
+        return
+    try:
+        current, problem = read_state_lenient(settings)
+        if problem or (current is not None and current.status != "failed"):
+            return
+        write_state(settings, _new_state(settings, entry, [], "failed", error=reason))
+    finally:
+        lock.release()
+
+
 def _history_row(settings: Settings, name: str, action: str, result: str, detail: str | None, **columns: Any) -> None:
     """The history row of an activation (refused, failed, ready) or of a stop, with the actor who asked."""
     history.record_activation(
@@ -238,30 +360,19 @@ def _start(
     log_path, log_handle = open_log(settings, entry, argv)
     # Recorded before the spawn: whenever this process dies from here on, the next stop or activation finds
     # the backend (and all it started) by the launch id in its environment.
-    state = ActiveState(
-        name=entry.name,
-        served_model_id=entry.effective_served_id,
-        pid=0,
-        create_time=0.0,
-        pgid=0,
-        launch_id=uuid.uuid4().hex,
-        host=settings.vllm_host,
-        port=settings.vllm_port,
-        base_url=single_port_endpoint(settings),
-        argv=argv,
-        started_at=datetime.now(UTC),
-        status="starting",
-        log_path=str(log_path),
-        activated_by=current_actor(settings),
-    )
+    state = _new_state(settings, entry, argv, "starting", launch_id=uuid.uuid4().hex, log_path=log_path)
     try:
         write_state(settings, state)
         spawned_at = time.monotonic()
         try:
             proc = process.spawn(settings, entry, argv, state.launch_id or "", log_handle)
         except OSError as exc:
-            clear_state(settings)  # nothing was started
             message = f"cannot start {entry.name!r}: {argv[0]!r}: {exc.strerror or exc}; is it installed and on PATH?"
+            log_handle.write(f"# {history.now_iso()} imageworks: {message}\n".encode())
+            log_handle.flush()
+            # Nothing was started; the failed state says why until the next start or stop.
+            failed = {"status": "failed", "error": message, "log_tail": tail(log_path, LOG_TAIL_LINES)}
+            write_state(settings, state.model_copy(update=failed))
             _fail(settings, entry, message, stop_s=stop_s)
             raise BackendError(message) from exc
     finally:
@@ -280,6 +391,9 @@ def _start(
             lambda detail: progress("waiting", detail),
             started=spawned_at,
         )
+    except ActivationCancelled:
+        _stop_cancelled(settings, state)
+        raise
     except BaseException as exc:  # Ctrl-C or a failing progress callback: never leave a half-started backend
         _abort(settings, state, entry, f"activation interrupted ({type(exc).__name__})", stop_s)
         raise
@@ -311,35 +425,67 @@ def _start(
     return state
 
 
+def _stop_cancelled(settings: Settings, state: ActiveState) -> None:
+    """Stop the process group of a cancelled start and clear the state (kept, saying why, if a process survives)."""
+    try:
+        terminate(state, settings.vllm_stop_timeout_s)
+    except BackendError as exc:
+        write_state(settings, state.model_copy(update={"status": "failed", "error": exc.message}))
+        raise
+    clear_state(settings)
+
+
+def _cancelled(settings: Settings, entry: ModelEntry, reason: str) -> None:
+    """The audit line and history row of a cancelled start (its backend, if spawned, is stopped already)."""
+    log_event(settings, "activation_cancelled", name=entry.name, reason=reason)
+    _history_row(settings, entry.name, "activate", "cancelled", reason)
+
+
 def _abort(settings: Settings, state: ActiveState, entry: ModelEntry, reason: str, stop_s: float) -> None:
     """Stop a backend that did not become ready and leave the state saying ``failed`` with the reason."""
     try:
         terminate(state, settings.vllm_stop_timeout_s)
     finally:
-        write_state(settings, state.model_copy(update={"status": "failed", "error": reason}))
+        failed = {"status": "failed", "error": reason, "log_tail": tail(Path(state.log_path), LOG_TAIL_LINES)}
+        write_state(settings, state.model_copy(update=failed))
         _fail(settings, entry, reason, pid=state.pid, stop_s=stop_s, log_path=state.log_path)
 
 
 # Stop ----------------------------------------------------------------------------------------------------
 def stop(settings: Settings, *, reason: str = "", lock_timeout_s: float | None = None) -> StopResult | None:
-    """Stop the active backend and clear the state. Idempotent: None when nothing was recorded.
+    """Stop the active backend and clear the state. Idempotent: None when nothing was recorded nor starting.
 
-    Waits (bounded) for an activation in progress to finish first. An unreadable state file is removed when the
+    An activation in progress is cancelled first (:mod:`.inflight`): it stops what it started within one health
+    poll and releases the lock; then whatever the state still records is stopped. An unreadable state file is removed when the
     port is free, and is a BackendError naming the file, the port holder and the fix when it is not.
     """
     wait_s = lock_timeout_s if lock_timeout_s is not None else lock_wait(settings, None)
-    with activation_lock(settings, wait_s, "stopping"):
-        state, problem = read_state_lenient(settings)
-        if state is None:
-            if problem:
-                error = unreadable_state_error(settings, problem)
-                if error is not None:
-                    log_event(settings, "stop", name=None, result="failed", reason=reason, error=error.message)
-                    raise error
-                clear_state(settings)
-                log_event(settings, "stop", name=None, result="stale", reason=reason, stale_reason=problem)
-            return None
-        return stop_locked(settings, state, reason=reason or "stop requested")
+    started = time.monotonic()
+    starting = inflight.read_progress(settings)
+    if starting is not None:
+        inflight.request_cancel(settings, actor=current_actor(settings), reason=reason or "stop requested")
+    try:
+        with activation_lock(settings, wait_s, "stopping"):
+            state, problem = read_state_lenient(settings)
+            cancelled = starting.name if starting is not None else None
+            if state is None:
+                if problem:
+                    error = unreadable_state_error(settings, problem)
+                    if error is not None:
+                        log_event(settings, "stop", name=None, result="failed", reason=reason, error=error.message)
+                        raise error
+                    clear_state(settings)
+                    log_event(settings, "stop", name=None, result="stale", reason=reason, stale_reason=problem)
+                if cancelled is None:
+                    return None
+                stop_s = round(time.monotonic() - started, 3)
+                return StopResult(cancelled, 0, stop_s, None, [], cancelled=cancelled)
+            result = stop_locked(settings, state, reason=reason or "stop requested")
+            result.cancelled = cancelled
+            return result
+    finally:
+        if starting is not None:
+            inflight.clear_cancel(settings)
 
 
 def stop_locked(settings: Settings, state: ActiveState, *, reason: str) -> StopResult:

@@ -52,6 +52,9 @@ class ActiveState(BaseModel):
     log_path: str
     activated_by: str | None = None
     error: str | None = Field(default=None, description="why the activation failed (status 'failed')")
+    log_tail: list[str] = Field(
+        default_factory=list, description="the backend log's last lines when the activation failed (status 'failed')"
+    )
 
 
 class ActiveStatus(BaseModel):
@@ -72,6 +75,7 @@ class ActiveStatus(BaseModel):
     log_path: str
     stale_reason: str | None = Field(default=None, description="why the state was stale (it has been cleaned)")
     error: str | None = None
+    log_tail: list[str] = Field(default_factory=list, description="the log's last lines of a failed activation")
     leftover_pids: list[int] = Field(
         default_factory=list, description="processes of this launch still running although its leader is gone"
     )
