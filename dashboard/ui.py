@@ -33,7 +33,8 @@ def settings() -> Settings:
 
 def registry(settings: Settings, *, force: bool = False, required: bool = True) -> Registry | None:
     """The registry to show. When the files are invalid: the last good registry under a warning banner, or
-    (without one) every problem in an error and, when ``required``, the page stops there."""
+    (without one) every problem in an error and, when ``required``, the page stops there. A warning also names
+    an active model that is no longer in the registry, with the fix."""
     view = dd.load_registry_view(settings, force=force)
     if view.error is not None and view.registry is not None:
         loaded = time.strftime("%H:%M:%S", time.localtime(view.loaded_at))
@@ -47,6 +48,10 @@ def registry(settings: Settings, *, force: bool = False, required: bool = True) 
         st.error(f"**Registry failed to load:**\n\n{problem_list(view.error.lines())}\n\n{REGISTRY_FIX}")
         if required:
             st.stop()
+    # Every page shows the registry through here: the banner for an active model that left it goes with it.
+    active_gone = dd.active_model_gone(settings, view.registry)
+    if active_gone:
+        st.warning(active_gone, icon=":material/link_off:")
     return view.registry
 
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, free_port
 from streamlit.testing.v1 import AppTest
 
-from imageworks_core import runtime
-from imageworks_core.registry import update_entry
+from imageworks_core import dashboard_data, runtime
+from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.settings import Settings, get_settings
 
 APP = REPO / "dashboard" / "app.py"
@@ -114,3 +114,44 @@ def test_active_model_with_an_invalid_registry_says_why_nothing_can_start(root: 
     assert "registry cannot be read" in info and "Stop still works" in info
     assert "No process-backed entry" not in info, "entries exist; the registry just cannot be read"
     assert "Stop" in [b.label for b in at.button]
+
+
+# Item 12: the active model left the registry -----------------------------------------------------------------
+def rename_entry(settings: Settings, old: str, new: str, *, keep_alias: bool) -> None:
+    def mutate(entries: list[dict[str, Any]]) -> None:
+        raw = next(e for e in entries if e.get("name") == old)
+        raw["name"] = new
+        if keep_alias:
+            raw["model_aliases"] = [*raw.get("model_aliases", []), old]
+
+    edit_layer(settings, "curated", mutate, command="test rename")
+
+
+@pytest.mark.parametrize("keep_alias", [False, True], ids=["removed", "renamed-with-alias"])
+def test_every_page_warns_when_the_active_model_left_the_registry(single_port: Settings, keep_alias: bool) -> None:
+    runtime.activate(single_port, DEMO_TEXT)
+    at = open_page()
+    assert "active model" not in joined(at.warning).lower(), "no banner while the entry exists"
+    rename_entry(single_port, DEMO_TEXT, "demo-text-renamed", keep_alias=keep_alias)
+    for page in ("registry", "active_model", "vision_probe", "settings"):
+        at.switch_page(f"pages/{page}.py")
+        run(at)
+        warning = joined(at.warning)
+        assert f"The active model '{DEMO_TEXT}'" in warning, page
+        assert "activate-model --stop" in warning and "Stop" in warning, "the fix is named"
+        if keep_alias:
+            assert "'demo-text-renamed'" in warning, "the new name is given"
+        else:
+            assert "History" in warning
+    runtime.stop(single_port, reason="test")
+    run(at)
+    assert "active model" not in joined(at.warning).lower(), "no model runs, no banner"
+
+
+def test_active_model_gone_reads_only_the_state_file(root: Settings) -> None:
+    assert dashboard_data.active_model_gone(root, None) is None, "no registry, nothing to compare"
+    registry = load_registry(settings=root)
+    assert dashboard_data.active_model_gone(root, registry) is None, "nothing runs"
+    root.active_state_path.parent.mkdir(parents=True, exist_ok=True)
+    root.active_state_path.write_text("{not json", encoding="utf-8")
+    assert dashboard_data.active_model_gone(root, registry) is None, "an unreadable state is Active Model's to show"

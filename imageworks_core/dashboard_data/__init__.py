@@ -52,6 +52,7 @@ from .registry_view import (
 )
 from .runs import (
     activation_frame,
+    active_model_gone,
     drift_tables,
     entry_history,
     error_lines,
@@ -84,6 +85,7 @@ __all__ = [
     "REGISTRY_COLUMNS",
     "RegistryView",
     "activation_frame",
+    "active_model_gone",
     "argv_text",
     "age_text",
     "audit_frame",

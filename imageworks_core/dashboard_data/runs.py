@@ -73,6 +73,39 @@ def process_entries(registry: Registry) -> list[str]:
     return [entry.name for entry in registry if entry.is_process_backend]
 
 
+def active_model_gone(settings: Settings, registry: Registry | None) -> str | None:
+    """The banner (markdown, with the fix) when the model running on the single port is not an entry of
+    ``registry`` any more (renamed or removed); None when it is, when nothing runs, or when there is no registry.
+
+    Reads the state file only (no health request, no signal): every page calls it on every run.
+    """
+    from ..runtime.state import read_state
+
+    if registry is None:
+        return None
+    try:
+        state = read_state(settings)
+    except ImageWorksError:  # an unreadable state file is the Active Model page's error to show
+        return None
+    if state is None or state.status not in ("starting", "ready") or state.name in registry.entries:
+        return None
+    stop = "Active Model → **Stop** (or `imageworks-models activate-model --stop`)"
+    try:
+        renamed = registry.get(state.name).name  # the old name kept as an alias, or the served id
+    except ImageWorksError:
+        renamed = None
+    if renamed is not None:
+        return (
+            f"**The active model {state.name!r} is now {renamed!r} in the registry** (renamed); it still runs "
+            f"({state.status}) under its old name. Fix: {stop}, then start {renamed!r} on the Active Model page."
+        )
+    return (
+        f"**The active model {state.name!r} is no longer in the registry** (renamed or removed); it still runs "
+        f"({state.status}) but cannot be started, switched to or probed by that name. Fix: {stop}, then start the "
+        "entry under its current name; or restore the entry: Registry → **History** → roll back the edit."
+    )
+
+
 def activation_frame(settings: Settings, *, name: str | None = None, limit: int = 50) -> pd.DataFrame:
     """Activation history, newest first, with readable durations."""
     columns = ["at", "name", "action", "result", "start_to_ready", "stop", "pid", "actor", "detail"]
