@@ -369,9 +369,12 @@ def test_unlocking_asks_for_the_reason_and_records_it(root: Settings) -> None:
     at = select_entry(open_page(), DEMO)
     widget(at.toggle, "Lock version").set_value(False)
     run(at)
-    assert widget(at.button, "Unlock").disabled, "no reason, no unlock"
-    widget(at.text_input, "Reason for unlocking (recorded in the audit log)").input("INC-42: planned re-quantisation")
+    widget(at.button, "Unlock").click()
     run(at)
+    assert "**Unlock refused:** give the reason" in joined(at.error), "no reason, no unlock"
+    assert load_registry(force=True, settings=root).get(DEMO).locked, "nothing changed"
+    # The reason and the button submit together (one form): typing then clicking works without Enter.
+    widget(at.text_input, "Reason for unlocking (recorded in the audit log)").input("INC-42: planned re-quantisation")
     widget(at.button, "Unlock").click()
     run(at)
     lock = load_registry(force=True, settings=root).get(DEMO).version_lock
@@ -381,6 +384,73 @@ def test_unlocking_asks_for_the_reason_and_records_it(root: Settings) -> None:
     assert audit.read_events(root, "unlock")[0]["reason"] == "INC-42: planned re-quantisation"
     assert "Unlocked demo-vision_(CPU); reason recorded" in joined(at.success)
     assert widget(at.toggle, "Lock version").value is False
+
+
+def test_verify_and_lock_replaces_the_stale_unlocked_result(root: Settings) -> None:
+    at = select_entry(open_page(), DEMO)
+    at.button(key="verify_hash").click()
+    run(at)
+    assert "Nothing is expected yet" in joined(at.info)
+    widget(at.toggle, "Lock version").set_value(True)
+    run(at)
+    widget(at.button, "Verify and lock").click()
+    run(at)
+    assert "Locked: expected hash set to" in joined(at.success)
+    assert "Nothing is expected yet" not in joined(at.info), "the result from before the lock is gone"
+    assert widget(at.toggle, "Lock version").value is True
+
+
+def test_missing_weights_disable_verify_and_lock_with_the_reason(root: Settings) -> None:
+    at = select_entry(open_page(), QWEN)
+    assert widget(at.button, "Verify Hash").disabled
+    toggle = widget(at.toggle, "Lock version")
+    assert toggle.disabled and "Weights missing" in (toggle.help or "")
+    assert "Weights missing: download_path does not exist" in joined(at.caption)
+
+
+def test_a_failed_lock_turns_the_toggle_back_off(root: Settings) -> None:
+    weights = root.root / "demo" / "models" / "imageworks-demo-vision"
+    at = select_entry(open_page(), DEMO)
+    widget(at.toggle, "Lock version").set_value(True)
+    run(at)
+    (weights / "broken").symlink_to(weights / "gone")  # the read fails half-way
+    widget(at.button, "Verify and lock").click()
+    run(at)
+    assert "Verify and lock failed" in joined(at.error) and "broken symlink" in joined(at.error)
+    assert widget(at.toggle, "Lock version").value is False, "the toggle shows the file's state again"
+    assert load_registry(force=True, settings=root).get(DEMO).locked is False
+    widget(at.toggle, "Lock version").set_value(True)
+    run(at)
+    (weights / "broken").unlink()
+    for child in weights.iterdir():
+        child.unlink()  # now the weights vanish while the toggle is on: it turns off, disabled, with the reason
+    weights.rmdir()
+    run(at)
+    toggle = widget(at.toggle, "Lock version")
+    assert toggle.value is False and toggle.disabled and "Weights missing" in (toggle.help or "")
+
+
+def test_accept_new_weights_after_drift_relocks_at_the_new_hash(root: Settings) -> None:
+    old = lock_entry(root, DEMO, set_expected=True).aggregate
+    tamper_license(root)
+    assert verify_entry(root, DEMO).result == "drift"
+    at = select_entry(open_page(), DEMO)
+    assert "Accept new weights" in [b.label for b in at.button], "offered after drift"
+    widget(at.button, "Accept new weights").click()
+    run(at)
+    assert "**Accept new weights refused:** give the reason" in joined(at.error)
+    assert load_registry(force=True, settings=root).get(DEMO).version_lock.expected_aggregate_sha256 == old
+    reason = "CHG-7: licence updated upstream"
+    widget(at.text_input, "Reason for accepting the new weights (recorded in the audit log)").input(reason)
+    widget(at.button, "Accept new weights").click()
+    run(at)
+    lock = load_registry(force=True, settings=root).get(DEMO).version_lock
+    assert lock is not None and lock.locked and lock.expected_aggregate_sha256 != old
+    assert f"Locked: expected hash set to `{lock.expected_aggregate_sha256}`" in joined(at.success)
+    assert [e["reason"] for e in audit.read_events(root, "unlock")] == [reason]
+    assert audit.read_events(root, "lock")[0]["reason"] == reason, "the newest lock event: the re-lock"
+    assert table(at).set_index("name").loc[DEMO, "status"] == "", "no drift badge: the new lock verified ok"
+    assert "Accept new weights" not in [b.label for b in at.button], "offered only while the last result is drift"
 
 
 # Edit metadata ------------------------------------------------------------------------------------------------

@@ -54,6 +54,14 @@ def _lock_work(settings: Settings, name: str) -> jobs.Work:
     return lambda report: dd.service_for(settings).lock(name, set_expected=True, progress=report)
 
 
+def _accept_work(settings: Settings, name: str, reason: str) -> jobs.Work:
+    return lambda report: dd.service_for(settings).accept_new_weights(name, reason=reason, progress=report)
+
+
+def _expected_hash(entry: ModelEntry) -> str | None:
+    return entry.version_lock.expected_aggregate_sha256 if entry.version_lock else None
+
+
 def render_hash_progress(job: jobs.Job) -> None:
     """Live progress of a verification: bytes, files, MB/s, current file."""
     if job.progress and len(job.progress) >= 4:
@@ -89,7 +97,7 @@ def render_verify_outcome(job: jobs.Job, action: str) -> None:
     figures = f"{summary['files']} files · {summary['size']} in {summary['duration']} ({summary['rate']})"
     for note in summary["notes"]:
         st.caption(note)
-    if action == "Verify and lock":
+    if action in ("Verify and lock", "Accept new weights"):
         st.success(f"Locked: expected hash set to `{summary['aggregate']}` from a full verification · {figures}")
     elif result.result == "ok":
         st.success(f"Verify Hash: **ok** — matches the expected hash `{summary['aggregate']}` · {figures}")
@@ -108,38 +116,42 @@ def render_verify_outcome(job: jobs.Job, action: str) -> None:
             render_drift(result.report)
 
 
-def verify_section(settings: Settings, entry: ModelEntry) -> None:
-    """The **Verify Hash** button with its live progress and the last result."""
+def verify_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> None:
+    """The **Verify Hash** button with its live progress and the last result (while the lock is unchanged)."""
     name = entry.name
     key = f"verify:{name}"
+    blocker = dd.hash_action_blocker(entry, status)
     st.button(
         "Verify Hash",
         key="verify_hash",
         type="primary",
         icon=":material/fingerprint:",
-        disabled=jobs.busy() or not entry.download_path,
+        disabled=jobs.busy() or blocker is not None,
         on_click=jobs.start,
         args=(key, f"Verifying {name}", _verify_work(settings, name)),
         help="Reads every byte under download_path and compares the aggregate hash with the locked one "
         "(`imageworks-models verify`).",
     )
-    if not entry.download_path:
-        st.caption("No download_path: nothing to verify (remote or Ollama entry).")
+    if blocker:
+        st.caption(blocker)
     other = jobs.running()
     if other is not None and other.key not in (key, f"lock:{name}"):
         st.caption(f"{other.label} is running ({other.elapsed:.0f} s); long actions wait until it finishes.")
     finished = jobs.wait(key, render_hash_progress)
     if finished is not None:
-        st.session_state[f"outcome:{key}"] = finished
+        st.session_state[f"outcome:{key}"] = (finished, _expected_hash(entry))
         st.rerun()  # the buttons render enabled again and the table shows the new verification
-    outcome = st.session_state.get(f"outcome:{key}")
-    if outcome is not None:
-        render_verify_outcome(outcome, "Verify Hash")
+    stored = st.session_state.get(f"outcome:{key}")
+    if stored is not None:
+        outcome, expected_then = stored
+        if expected_then == _expected_hash(entry):
+            render_verify_outcome(outcome, "Verify Hash")
+        else:  # locked, re-pinned or unlocked since (here or in another session): the result no longer applies
+            del st.session_state[f"outcome:{key}"]
 
 
 # Lock version -------------------------------------------------------------------------------------------------
-def _unlock(settings: Settings, name: str, reason_key: str) -> None:
-    reason = str(st.session_state.get(reason_key) or "").strip()
+def _unlock(settings: Settings, name: str, reason: str) -> None:
     try:
         dd.service_for(settings).unlock(name, reason=reason)
     except ImageWorksError as exc:
@@ -148,8 +160,20 @@ def _unlock(settings: Settings, name: str, reason_key: str) -> None:
     st.session_state[f"outcome:lock:{name}"] = ("success", f"Unlocked {name}; reason recorded: “{reason}”")
 
 
+def _reason_form(key: str, label: str, submit: str, *, disabled: bool, cancel_key: str | None = None) -> tuple:
+    """A reason and its button in one form (one click submits both: no Enter needed). Returns (reason, submitted,
+    cancelled)."""
+    with st.form(key=key, border=False):
+        reason = st.text_input(label, key=f"{key}:reason", placeholder="incident / ticket reference")
+        left, right = st.columns(2)
+        submitted = left.form_submit_button(submit, type="primary", disabled=disabled)
+        cancelled = right.form_submit_button("Cancel", key=cancel_key) if cancel_key else False
+    return str(reason or "").strip(), submitted, cancelled
+
+
 def lock_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> None:
-    """The **Lock version** toggle: locking runs a fresh full verification; unlocking asks for a reason."""
+    """The **Lock version** toggle: locking runs a fresh full verification; unlocking asks for a reason; after
+    drift, **Accept new weights** re-locks at the new hash. Every control derives from the entry as read now."""
     name = entry.name
     locked = entry.locked
     lock = entry.version_lock
@@ -165,47 +189,79 @@ def lock_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> 
             st.caption(f"Unlocked {lock.unlocked_at or ''} by {lock.unlocked_by or '?'}: {lock.unlock_reason}")
     else:
         st.markdown(":material/lock_open: **Unlocked** (no expected hash yet)")
-    # The key carries the lock state, so the toggle starts from the file's state after every change.
-    toggle_key = f"lock_toggle:{name}:{locked}"
-    want = st.toggle("Lock version", value=locked, key=toggle_key, disabled=jobs.busy() or not entry.download_path)
+    blocker = dd.hash_action_blocker(entry, status)
+    # The key carries the lock state, whether the weights allow locking, and a generation bumped after every
+    # action (done, failed or cancelled), so the toggle always starts from the file's state.
+    generation_key = f"lock_generation:{name}"
+    generation = st.session_state.get(generation_key, 0)
+    toggle_key = f"lock_toggle:{name}:{locked}:{blocker is None}:{generation}"
 
     def reset() -> None:
-        st.session_state[toggle_key] = locked
+        st.session_state[generation_key] = st.session_state.get(generation_key, 0) + 1
 
+    want = st.toggle(
+        "Lock version",
+        value=locked,
+        key=toggle_key,
+        disabled=jobs.busy() or (blocker is not None and not locked),  # unlocking needs no weights
+        help=blocker,
+    )
     job_key = f"lock:{name}"
+    action_key = f"lock_action:{name}"
     if want and not locked:
         st.info("Locking requires a fresh full verification: every byte is read and that hash becomes the lock.")
         left, right = st.columns(2)
-        left.button(
-            "Verify and lock",
-            type="primary",
-            disabled=jobs.busy(),
-            on_click=jobs.start,
-            args=(job_key, f"Verifying {name} to lock it", _lock_work(settings, name)),
-        )
+        if left.button("Verify and lock", type="primary", disabled=jobs.busy() or blocker is not None):
+            st.session_state[action_key] = "Verify and lock"
+            jobs.start(job_key, f"Verifying {name} to lock it", _lock_work(settings, name))
+            st.rerun()
         right.button("Cancel", key="lock_cancel", on_click=reset)
     elif locked and not want:
-        reason_key = f"unlock_reason:{name}"
-        st.text_input(
+        reason, submitted, cancelled = _reason_form(
+            f"unlock:{name}",
             "Reason for unlocking (recorded in the audit log)",
-            key=reason_key,
-            placeholder="incident / ticket reference",
+            "Unlock",
+            disabled=jobs.busy(),
+            cancel_key="unlock_cancel",
         )
-        reason = str(st.session_state.get(reason_key) or "").strip()
-        left, right = st.columns(2)
-        left.button("Unlock", type="primary", disabled=not reason, on_click=_unlock, args=(settings, name, reason_key))
-        right.button("Cancel", key="unlock_cancel", on_click=reset)
-        if not reason:
-            st.caption("The runbook asks for an incident report before unlocking in production: give its reference.")
+        st.caption("The runbook asks for an incident report before unlocking in production: give its reference.")
+        if cancelled:
+            reset()
+            st.rerun()
+        if submitted and not reason:
+            st.error("**Unlock refused:** give the reason (incident or ticket reference); nothing changed.")
+        elif submitted:
+            _unlock(settings, name, reason)
+            reset()
+            st.rerun()
+    if state in ("locked", "pinned") and (status.last_verification or {}).get("result") == "drift":
+        st.markdown("**Accept new weights**")
+        st.caption(
+            "The weights changed on purpose (new quant, patch release)? Unlock with a reason and re-lock at the hash "
+            "of a fresh full read; both steps go to the audit log. If not, re-download instead (runbook §3)."
+        )
+        reason, submitted, _ = _reason_form(
+            f"accept:{name}",
+            "Reason for accepting the new weights (recorded in the audit log)",
+            "Accept new weights",
+            disabled=jobs.busy() or blocker is not None,
+        )
+        if submitted and not reason:
+            st.error("**Accept new weights refused:** give the reason (change or ticket reference); nothing changed.")
+        elif submitted:
+            st.session_state[action_key] = "Accept new weights"
+            jobs.start(job_key, f"Accepting the new weights of {name}", _accept_work(settings, name, reason))
+            st.rerun()
     finished = jobs.wait(job_key, render_hash_progress)
     if finished is not None:
         st.session_state[f"outcome:{job_key}"] = ("job", finished)
+        reset()  # after a failure too: the toggle shows the file's state again
         st.rerun()
     outcome = st.session_state.get(f"outcome:{job_key}")
     if outcome is not None:
         kind, value = outcome
         if kind == "job":
-            render_verify_outcome(value, "Verify and lock")
+            render_verify_outcome(value, st.session_state.get(action_key, "Verify and lock"))
         elif kind == "error":
             ui.show_error(value, "Unlock")
         else:
@@ -374,7 +430,7 @@ def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, stat
                 else:
                     st.dataframe(past[kind], hide_index=True, width="stretch")
     with right:
-        verify_section(settings, entry)
+        verify_section(settings, entry, status)
         st.divider()
         lock_section(settings, entry, status)
         st.divider()

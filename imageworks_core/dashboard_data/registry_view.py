@@ -192,6 +192,18 @@ def registry_frame(
     return pd.DataFrame(rows, columns=list(REGISTRY_COLUMNS))
 
 
+def hash_action_blocker(entry: ModelEntry, status: EntryStatus) -> str | None:
+    """Why Verify Hash, Lock version and Accept new weights cannot run on the entry now (None when they can)."""
+    if not entry.download_path:
+        return "No download_path: nothing to verify (remote or Ollama entry)."
+    if status.weights == "missing":
+        return (
+            "Weights missing: download_path does not exist, so there is nothing to verify or lock. "
+            "Fix download_path (Edit metadata) first."
+        )
+    return None
+
+
 def filter_options(registry: Registry) -> dict[str, list[str]]:
     """Choices for the filter widgets: roles and backends in use, every capability."""
     roles = sorted({role for entry in registry for role in entry.roles} | set(KNOWN_ROLES))
