@@ -179,7 +179,7 @@ def test_registry_table_shows_the_merged_registry_with_status(root: Settings) ->
     demo = rows.loc[DEMO]
     assert demo["backend"] == "vllm" and demo["served_id"] == "imageworks/demo-vision"
     assert list(demo["roles"]) == ["caption", "description", "keywords", "chat"]
-    assert demo["capabilities"] == "📝 👁️ 🧠"
+    assert list(demo["capabilities"]) == ["text", "vision", "reasoning"], "names, readable without an emoji font"
     assert (demo["weights"], demo["lock"], demo["last_verification"], demo["last_probe"]) == (
         "present",
         "unlocked",
@@ -190,6 +190,29 @@ def test_registry_table_shows_the_merged_registry_with_status(root: Settings) ->
     assert rows.loc[QWEN, "weights"] == "missing" and rows.loc[QWEN, "status"] == "🟠 missing"
     assert rows.loc["gpt-4o-mini_(remote)", "weights"] == "n/a"
     assert "5 entries shown (1 hidden by filters)" in joined(at.caption)
+
+
+def test_registry_table_puts_operator_columns_first_and_shows_no_raw_none(root: Settings) -> None:
+    update_entry(root, DEMO, {"download_size_bytes": 3 * 2**30}, command="test size")
+    at = open_page()
+    frame = table(at)
+    assert list(frame.columns[:8]) == [
+        "name",
+        "status",
+        "lock",
+        "weights",
+        "last_verification",
+        "last_probe",
+        "backend",
+        "roles",
+    ], "what an operator checks stays on screen"
+    assert frame.columns[-1] == "served_id", "long text last"
+    rows = frame.set_index("name")
+    assert rows.loc[DEMO, "size"] == "3.0 GiB" and rows.loc[QWEN, "size"] == "—"
+    cells = [str(v) for v in frame.drop(columns=["roles", "capabilities"]).to_numpy().ravel()]
+    assert not [c for c in cells if c in ("None", "nan", "NaN")], cells
+    widget(at.text_input, "Search").input("demo-text")
+    assert "1 entry shown (5 hidden by filters)" in joined(run(at).caption)
 
 
 def test_registry_filters_search_role_capability_backend_and_hidden(root: Settings) -> None:
@@ -278,7 +301,7 @@ def test_verify_hash_runs_the_core_verification_and_records_it(root: Settings) -
     rows = history.list_verifications(root, DEMO)
     assert [r["result"] for r in rows] == ["unlocked", "unlocked"], "the dashboard's run and ours, both recorded"
     assert rows[1]["aggregate"] == expected
-    assert table(run(at)).set_index("name").loc[DEMO, "last_verification"] == "unlocked · just now"
+    assert table(run(at)).set_index("name").loc[DEMO, "last_verification"] == "hashed, no lock · just now"
 
 
 def test_verify_hash_on_a_locked_entry_reports_ok(root: Settings) -> None:

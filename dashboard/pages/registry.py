@@ -25,23 +25,29 @@ from imageworks_core.units import format_bytes
 TABLE_COLUMNS = {
     "name": st.column_config.TextColumn("Name", pinned=True),
     "status": st.column_config.TextColumn(
-        "Status", help="🔴 drift: a locked entry's last verification drifted; 🟠 missing: download_path does not exist"
+        "Status",
+        width="small",
+        help="drift: a locked entry's last verification drifted; missing: download_path does not exist",
     ),
-    "backend": st.column_config.TextColumn("Backend"),
-    "served_id": st.column_config.TextColumn("Served id"),
+    "lock": st.column_config.TextColumn(
+        "Lock", width="small", help="locked; pinned (expected hash kept, lock off); unlocked (no expected hash)"
+    ),
+    "weights": st.column_config.TextColumn(
+        "Weights", width="small", help="present; missing (download_path does not exist); n/a (remote, Ollama)"
+    ),
+    "last_verification": st.column_config.TextColumn(
+        "Last verification", help="ok, drift, or hashed with no lock to compare; and how long ago"
+    ),
+    "last_probe": st.column_config.TextColumn("Last probe", help="vision_ok or failed; and how long ago"),
+    "backend": st.column_config.TextColumn("Backend", width="small"),
     "roles": st.column_config.ListColumn("Roles"),
-    "capabilities": st.column_config.TextColumn(
-        "Capabilities", help="📝 text 👁️ vision 🛠️ tools 🧭 embeddings 🧠 reasoning 🔊 audio"
-    ),
-    "format": st.column_config.TextColumn("Format"),
-    "quantization": st.column_config.TextColumn("Quant"),
-    "size_gib": st.column_config.NumberColumn("Size (GiB)", format="%.2f"),
-    "weights": st.column_config.TextColumn("Weights"),
-    "lock": st.column_config.TextColumn("Lock"),
-    "last_verification": st.column_config.TextColumn("Last verification"),
-    "last_probe": st.column_config.TextColumn("Last probe"),
-    "layer": st.column_config.TextColumn("Layer"),
-    "flags": st.column_config.TextColumn("Flags"),
+    "capabilities": st.column_config.ListColumn("Capabilities"),
+    "format": st.column_config.TextColumn("Format", width="small"),
+    "quantization": st.column_config.TextColumn("Quant", width="small"),
+    "size": st.column_config.TextColumn("Size", width="small"),
+    "layer": st.column_config.TextColumn("Layer", width="small"),
+    "flags": st.column_config.TextColumn("Flags", width="small"),
+    "served_id": st.column_config.TextColumn("Served id"),
 }
 
 
@@ -609,7 +615,7 @@ def entries_section(settings: Settings, registry: Registry) -> None:
         key="registry_table",
     )
     hidden = len(registry) - len(entries)
-    st.caption(f"{len(entries)} entries shown" + (f" ({hidden} hidden by filters)" if hidden else ""))
+    st.caption(dd.entries_caption(len(entries), hidden))
     if not names:
         st.info("No entry matches the filters.")
         return

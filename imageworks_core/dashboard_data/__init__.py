@@ -48,6 +48,7 @@ from .registry_view import (
     load_registry_view,
     probe_text,
     registry_frame,
+    entries_caption,
     service_for,
     verification_text,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "metadata_defaults",
     "parse_argv",
     "parse_env",
+    "entries_caption",
     "path_rows",
     "preview_curated_change",
     "probe_frame",

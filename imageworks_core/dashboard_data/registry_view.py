@@ -17,6 +17,7 @@ from ..registry import Registry
 from ..schema import CAPABILITY_NAMES, KNOWN_ROLES, ModelEntry
 from ..service import EntryStatus, ImageWorks
 from ..settings import Settings
+from ..units import format_bytes
 
 CAPABILITY_ICONS: dict[str, str] = {
     "text": "📝",
@@ -121,12 +122,17 @@ def capability_icons(capabilities: Iterable[str]) -> str:
     return " ".join(CAPABILITY_ICONS.get(c, c) for c in capabilities)
 
 
+# A verification's result in words: "unlocked" means the hash was taken with nothing pinned to compare it with.
+VERIFICATION_WORDS = {"ok": "ok", "drift": "drift", "unlocked": "hashed, no lock"}
+
+
 def verification_text(verification: dict[str, Any] | None, now: datetime | None = None) -> str:
-    """'ok · 5 min ago', 'drift · 1 d ago' or 'never'."""
+    """'ok · 5 min ago', 'drift · 1 d ago', 'hashed, no lock · just now' or 'never'."""
     if not verification:
         return "never"
+    result = VERIFICATION_WORDS.get(str(verification["result"]), str(verification["result"]))
     age = age_text(verification.get("at"), now)
-    return f"{verification['result']} · {age}" if age else str(verification["result"])
+    return f"{result} · {age}" if age else result
 
 
 def probe_text(probe: dict[str, Any] | None, now: datetime | None = None) -> str:
@@ -138,23 +144,31 @@ def probe_text(probe: dict[str, Any] | None, now: datetime | None = None) -> str
     return f"{outcome} · {age}" if age else outcome
 
 
+# What an operator checks first (is it usable: badges, lock, weights, last verification and probe; what serves it)
+# comes first, so it stays on screen at 1400 px; long text (served id) comes last.
 REGISTRY_COLUMNS: tuple[str, ...] = (
     "name",
     "status",
+    "lock",
+    "weights",
+    "last_verification",
+    "last_probe",
     "backend",
-    "served_id",
     "roles",
     "capabilities",
     "format",
     "quantization",
-    "size_gib",
-    "weights",
-    "lock",
-    "last_verification",
-    "last_probe",
+    "size",
     "layer",
     "flags",
+    "served_id",
 )
+
+
+def entries_caption(shown: int, hidden: int) -> str:
+    """'1 entry shown', '5 entries shown (1 hidden by filters)'."""
+    text = f"{shown} {'entry' if shown == 1 else 'entries'} shown"
+    return text + (f" ({hidden} hidden by filters)" if hidden else "")
 
 
 def registry_frame(
@@ -163,7 +177,8 @@ def registry_frame(
     statuses: dict[str, EntryStatus],
     now: datetime | None = None,
 ) -> pd.DataFrame:
-    """One row per entry with the columns of :data:`REGISTRY_COLUMNS` (the Registry page's table)."""
+    """One row per entry with the columns of :data:`REGISTRY_COLUMNS` (the Registry page's table): text only, so
+    the table reads the same without an emoji font (badges carry their word; capabilities are names)."""
     now = now or datetime.now(UTC)
     rows = []
     for entry in entries:
@@ -174,19 +189,19 @@ def registry_frame(
             {
                 "name": entry.name,
                 "status": " ".join(f"🔴 {b}" if b == "drift" else f"🟠 {b}" for b in badges),
-                "backend": entry.backend or "-",
-                "served_id": entry.effective_served_id,
-                "roles": list(entry.roles),
-                "capabilities": capability_icons(entry.capabilities.enabled()),
-                "format": entry.download_format or "",
-                "quantization": entry.quantization or "",
-                "size_gib": None if entry.download_size_bytes is None else round(entry.download_size_bytes / 2**30, 2),
-                "weights": status.weights,
                 "lock": status.lock,
+                "weights": status.weights,
                 "last_verification": verification_text(status.last_verification, now),
                 "last_probe": probe_text(status.last_probe, now),
+                "backend": entry.backend or "—",
+                "roles": list(entry.roles),
+                "capabilities": list(entry.capabilities.enabled()),
+                "format": entry.download_format or "—",
+                "quantization": entry.quantization or "—",
+                "size": format_bytes(entry.download_size_bytes, missing="—"),
                 "layer": registry.layer_of(entry.name),
                 "flags": ", ".join(flags),
+                "served_id": entry.effective_served_id or "—",
             }
         )
     return pd.DataFrame(rows, columns=list(REGISTRY_COLUMNS))
