@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing
     from .hashing import Algorithm, ProgressCallback
     from .legacy import ImportReport
     from .probe import ProbeResult
+    from .runtime import ActivationProgress as ActivationInProgress
     from .runtime import ActiveState, ActiveStatus, StopResult
     from .runtime import ProgressCallback as ActivationProgress
     from .verification import VerifyResult
@@ -312,8 +313,21 @@ class ImageWorks:
             self.settings, name, timeout_s=timeout_s, force=force, on_progress=on_progress, registry=self.registry
         )
 
+    def start_activation(self, name: str, *, force: bool = False) -> None:
+        """Start activating the entry in the background and return at once (see
+        :mod:`imageworks_core.runtime.background`); its progress is :meth:`current` and :meth:`activation`."""
+        from .runtime import background
+
+        background.start(self.settings, name, force=force, registry=self.registry)
+
+    def activation(self) -> ActivationInProgress | None:
+        """The activation in progress on this root (any process's), None when none is."""
+        from . import runtime
+
+        return runtime.activation_in_progress(self.settings)
+
     def stop(self, *, reason: str = "", lock_timeout_s: float | None = None) -> StopResult | None:
-        """Stop the active backend (None when nothing was active)."""
+        """Stop the active backend, cancelling a start in progress first (None when nothing was active)."""
         from . import runtime
 
         return runtime.stop(self.settings, reason=reason, lock_timeout_s=lock_timeout_s)

@@ -27,6 +27,7 @@ from streamlit.testing.v1 import AppTest
 from imageworks_core import audit, dashboard_data, gpu, history, runtime
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.registry_file import read_registry_text
+from imageworks_core.runtime import background
 from imageworks_core.settings import Settings, get_settings
 from imageworks_core.units import format_bytes
 from imageworks_core.verification import lock_entry, verify_entry
@@ -44,6 +45,17 @@ def run(at: AppTest) -> AppTest:
     at.run(timeout=TIMEOUT_S)
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def run_until_settled(at: AppTest, settings: Settings) -> AppTest:
+    """Run (a confirmed start goes on in the background), wait until the background start has ended, and run
+    again, as the page's live panel does by itself each second."""
+    run(at)
+    deadline = time.monotonic() + TIMEOUT_S
+    while background.running(settings) is not None:
+        assert time.monotonic() < deadline, "the start never finished"
+        time.sleep(0.05)
+    return run(at)
 
 
 def open_page(page: str | None = None, tab: str | None = None) -> AppTest:
@@ -624,7 +636,7 @@ def test_history_rollback_asks_for_confirmation_then_restores_the_revision(root:
     assert widget(at.selectbox, "Revision").value == 1
     change = next(c for c in texts(at.code) if c.startswith("--- before rev 1"))
     assert '+    "notes": "first edit"' in change
-    widget(at.button, "Roll back to this revision").click()
+    widget(at.button, "Undo this change (restore the file as it was before revision 1)").click()
     run(at)
     assert root.curated_path.read_text(encoding="utf-8") == edited, "nothing happens before the confirmation"
     assert "Restore `" in joined(at.markdown) and "revision **1**" in joined(at.markdown)
@@ -640,8 +652,9 @@ def test_history_rollback_asks_for_confirmation_then_restores_the_revision(root:
 def test_history_rollback_cancel_changes_nothing(root: Settings) -> None:
     update_entry(root, DEMO, {"notes": "keep me"}, command="test edit")
     edited = root.curated_path.read_text(encoding="utf-8")
+    assert "as it was **before** revision **1**" in joined(at.markdown), "named for what it does: undo revision 1"
     at = open_page(tab="History")
-    widget(at.button, "Roll back to this revision").click()
+    widget(at.button, "Undo this change (restore the file as it was before revision 1)").click()
     run(at)
     at.button(key="rollback_cancel").click()
     run(at)
@@ -784,7 +797,7 @@ def test_active_model_start_switch_and_stop_with_confirmation(single_port: Setti
     assert f"Start **{DEMO}** on the single port?" in joined(at.markdown)
     assert runtime.read_state(single_port) is None, "nothing starts before the confirmation"
     at.button(key="active_confirm_ok").click()
-    run(at)
+    run_until_settled(at, single_port)
     assert f"{DEMO} is ready at `http://127.0.0.1:{single_port.vllm_port}/v1`" in joined(at.success)
     metrics = {m.label: m.value for m in at.metric}
     assert (metrics["Active model"], metrics["Status"], metrics["Health"]) == (DEMO, "ready", "healthy")
@@ -797,7 +810,7 @@ def test_active_model_start_switch_and_stop_with_confirmation(single_port: Setti
     run(at)
     assert f"Switch from **{DEMO}** to **{DEMO_TEXT}**?" in joined(at.markdown)
     at.button(key="active_confirm_ok").click()
-    run(at)
+    run_until_settled(at, single_port)
     assert runtime.read_state(single_port).name == DEMO_TEXT
     assert f"{DEMO_TEXT} is ready" in joined(at.success)
 
@@ -832,7 +845,7 @@ def test_active_model_failed_start_shows_the_error_and_the_log_tail(
     widget(at.button, "Start").click()
     run(at)
     at.button(key="active_confirm_ok").click()
-    run(at)
+    run_until_settled(at, single_port)
     assert f"**Starting {DEMO_TEXT} failed:**" in joined(at.error)
     assert any("last" in c and "lines of" in c for c in texts(at.code)), "the backend's last log lines are shown"
 

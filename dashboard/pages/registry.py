@@ -520,15 +520,17 @@ def _close_rollback() -> None:
 
 
 def rollback_confirm(settings: Settings, rev: int) -> None:
-    """The rollback confirmation's body: what will be restored, then Confirm / Cancel."""
+    """The rollback confirmation's body: what will be restored (the file as it was *before* revision ``rev``, the
+    CLI's ``rollback REV``), then Confirm / Cancel."""
     try:
         diff = dd.service_for(settings).revision_diff(rev)
     except ImageWorksError as exc:
         ui.show_error(exc, "Rollback")
         return
     st.markdown(
-        f"Restore `{diff.file}` to the content kept as revision **{rev}**. The rollback is itself recorded as a new "
-        "revision, so it can be undone the same way."
+        f"Restore `{diff.file}` as it was **before** revision **{rev}**: that change and every later change to this "
+        "file are undone (the diff below). The rollback is itself recorded as a new revision, so it can be undone "
+        "the same way."
     )
     st.code(diff.rollback or "(the file already has this content)", language="diff")
     left, right = st.columns(2)
@@ -539,14 +541,14 @@ def rollback_confirm(settings: Settings, rev: int) -> None:
             ui.show_error(exc, "Rollback")
             return
         _close_rollback()
-        ui.flash("success", f"Rolled back {diff.file} to revision {rev}.", diff.rollback)
+        ui.flash("success", f"Rolled back {diff.file} to its content before revision {rev}.", diff.rollback)
         st.rerun()
     if right.button("Cancel", key="rollback_cancel"):
         _close_rollback()
         st.rerun()
 
 
-@st.dialog("Roll back to this revision?", width="large", on_dismiss=_close_rollback)
+@st.dialog("Undo this change?", width="large", on_dismiss=_close_rollback)
 def rollback_dialog(settings: Settings, rev: int) -> None:
     rollback_confirm(settings, rev)
 
@@ -568,7 +570,8 @@ def history_section(settings: Settings) -> None:
     st.markdown(f"**Change made by revision {rev}** (`{by_rev[rev]['file']}`)")
     st.code(diff.change or "(no textual change)", language="diff")
     st.button(
-        "Roll back to this revision",
+        f"Undo this change (restore the file as it was before revision {rev})",
+        key="rollback_open",
         disabled=jobs.busy(),
         on_click=_open_rollback,
         args=(rev,),
