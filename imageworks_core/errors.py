@@ -118,7 +118,16 @@ class BackendError(ImageWorksError):
 
 
 class ProbeError(BackendError):
-    """The vision probe could not run or the model failed it."""
+    """The vision probe could not run or the model failed it.
+
+    ``inactive`` names a process-backed entry that is not the active backend (``summary`` says what runs
+    instead): each front end names its own way to activate it; the message names the CLI's.
+    """
+
+    def __init__(self, message: str, *, inactive: str | None = None, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.inactive = inactive
+        self.summary = summary or message
 
 
 class ActivationError(BackendError):

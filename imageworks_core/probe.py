@@ -392,9 +392,11 @@ def _resolve_endpoint(settings: Settings, entry: ModelEntry, activate: bool, reg
         active = f"its backend is {state.status}, not ready"
     else:
         active = f"the active backend is {state.name!r} ({state.status})"
+    summary = f"{entry.name!r} is not the active backend ({active})"
     raise ProbeError(
-        f"{entry.name!r} is not the active backend ({active}); activate it first: {activate_command(entry.name)}"
-        " (or rerun the probe with --activate)"
+        f"{summary}; activate it first: {activate_command(entry.name)} (or rerun the probe with --activate)",
+        inactive=entry.name,
+        summary=summary,
     )
 
 

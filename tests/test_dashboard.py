@@ -640,6 +640,7 @@ def test_history_rollback_asks_for_confirmation_then_restores_the_revision(root:
     run(at)
     assert root.curated_path.read_text(encoding="utf-8") == edited, "nothing happens before the confirmation"
     assert "Restore `" in joined(at.markdown) and "revision **1**" in joined(at.markdown)
+    assert "as it was **before** revision **1**" in joined(at.markdown), "named for what it does: undo revision 1"
     assert any(c.startswith("--- current") and '-    "notes": "first edit"' in c for c in texts(at.code))
     widget(at.button, "Confirm rollback").click()
     run(at)
@@ -652,7 +653,6 @@ def test_history_rollback_asks_for_confirmation_then_restores_the_revision(root:
 def test_history_rollback_cancel_changes_nothing(root: Settings) -> None:
     update_entry(root, DEMO, {"notes": "keep me"}, command="test edit")
     edited = root.curated_path.read_text(encoding="utf-8")
-    assert "as it was **before** revision **1**" in joined(at.markdown), "named for what it does: undo revision 1"
     at = open_page(tab="History")
     widget(at.button, "Undo this change (restore the file as it was before revision 1)").click()
     run(at)

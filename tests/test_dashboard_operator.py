@@ -155,3 +155,76 @@ def test_active_model_gone_reads_only_the_state_file(root: Settings) -> None:
     root.active_state_path.parent.mkdir(parents=True, exist_ok=True)
     root.active_state_path.write_text("{not json", encoding="utf-8")
     assert dashboard_data.active_model_gone(root, registry) is None, "an unreadable state is Active Model's to show"
+
+
+# Item 10: Vision Probe ----------------------------------------------------------------------------------------
+ACTIVATE = "Activate the model first if it is not the active backend"
+
+
+def target_text(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if "-badge[" in m.value)
+
+
+def test_vision_probe_shows_whether_the_chosen_model_is_active(single_port: Settings) -> None:
+    at = open_page("vision_probe")
+    widget(at.selectbox, "Model (entries declaring vision)").set_value(DEMO)
+    run(at)
+    shown = target_text(at)
+    assert ":orange-badge[not active]" in shown and "nothing runs on the single port" in shown
+    assert f"tick **{ACTIVATE}**" in shown
+    runtime.activate(single_port, DEMO)
+    run(at)
+    assert ":green-badge[active · ready]" in target_text(at)
+    widget(at.selectbox, "Model (entries declaring vision)").set_value(REMOTE)
+    run(at)
+    assert ":green-badge[remote · openai]" in target_text(at) and "no activation needed" in target_text(at)
+
+
+def test_vision_probe_of_an_inactive_model_names_the_pages_checkbox(root: Settings) -> None:
+    at = open_page("vision_probe")
+    widget(at.selectbox, "Model (entries declaring vision)").set_value(DEMO)
+    widget(at.button, "Run probe").click()
+    run(at)
+    error = joined(at.error)
+    assert f"Tick **{ACTIVATE}**" in error and "Active Model page" in error
+    assert "--activate" not in error, "the CLI's flag means nothing on this page"
+
+
+def test_vision_probe_of_a_text_only_entry_fails_as_the_demo_shows(single_port: Settings) -> None:
+    at = open_page("vision_probe")
+    assert DEMO_TEXT not in widget(at.selectbox, "Model (entries declaring vision)").options
+    widget(at.toggle, "Include text-only entries").set_value(True)
+    run(at)
+    widget(at.selectbox, "Model (every entry with a backend)").set_value(DEMO_TEXT)
+    widget(at.checkbox, ACTIVATE).check()
+    widget(at.button, "Run probe").click()
+    run(at)
+    assert ":red[:material/cancel:] `vision_ok: false`" in joined(at.markdown)
+    assert runtime.read_state(single_port).name == DEMO_TEXT
+
+
+def test_vision_probe_with_a_custom_image_says_grounded_was_not_checked(single_port: Settings) -> None:
+    runtime.activate(single_port, DEMO)
+    at = open_page("vision_probe")
+    widget(at.selectbox, "Model (entries declaring vision)").set_value(DEMO)
+    widget(at.radio, "Image").set_value("Upload an image")
+    run(at)
+    at.file_uploader(key="probe_upload").set_value(("probe.png", probe_png(), "image/png"))
+    run(at)
+    widget(at.button, "Run probe").click()
+    run(at)
+    shown = joined(at.markdown)
+    assert "`grounded: not checked (custom image)`" in shown and "null" not in shown
+
+
+def probe_png() -> bytes:
+    from imageworks_core import probe
+
+    return probe.canonical_image_bytes()
+
+
+def test_grounded_text_says_why_it_is_null() -> None:
+    assert dashboard_data.grounded_text({"grounded": True}) == "true"
+    assert dashboard_data.grounded_text({"grounded": False, "expected": ["red"]}) == "false"
+    assert dashboard_data.grounded_text({"grounded": None, "expected": []}) == "not checked (custom image)"
+    assert dashboard_data.grounded_text({"grounded": None, "expected": ["red"]}) == "not checked (no answer)"

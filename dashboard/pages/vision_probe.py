@@ -8,12 +8,14 @@ import ui
 
 from imageworks_core import dashboard_data as dd
 from imageworks_core import probe
+from imageworks_core.errors import ProbeError
 from imageworks_core.settings import Settings
 
 JOB_KEY = "probe"
 CANONICAL = "Canonical probe image (red circle and the digits 42)"
 UPLOAD = "Upload an image"
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
+ACTIVATE = "Activate the model first if it is not the active backend"
 
 
 def _probe_work(
@@ -48,8 +50,7 @@ def probe_result(result: dict) -> None:
     ok, grounded, latency = st.columns(3)
     icon = ":green[:material/check_circle:]" if view["vision_ok"] else ":red[:material/cancel:]"
     ok.markdown(f"{icon} `vision_ok: {str(view['vision_ok']).lower()}`")
-    grounded_text = "null" if view["grounded"] is None else str(view["grounded"]).lower()
-    grounded.markdown(f"`grounded: {grounded_text}`")
+    grounded.markdown(f"`grounded: {view['grounded_text']}`")
     latency.markdown(f"`latency: {view['latency'] or '—'}`")
     if view["error"]:
         st.error(view["error"])
@@ -80,11 +81,23 @@ def render_probe_progress(job: jobs.Job) -> None:
 settings = ui.settings()
 st.title("Vision Probe")
 registry = ui.registry(settings)
-names = dd.vision_entries(registry)
+include_text_only = st.toggle(
+    "Include text-only entries",
+    key="probe_text_only",
+    help="A text-only model must fail the probe: run one to see what a failure looks like.",
+)
+names = dd.probe_entries(registry, include_text_only=include_text_only)
 if not names:
     st.info("No entry declares the vision capability. Edit an entry's capabilities on the Registry page.")
     st.stop()
-name = st.selectbox("Model (entries declaring vision)", names, key="probe_model")
+picker, target_col = st.columns([3, 2], vertical_alignment="bottom")
+label = "Model (every entry with a backend)" if include_text_only else "Model (entries declaring vision)"
+name = picker.selectbox(label, names, key="probe_model")
+target = dd.probe_target(settings, registry, name)
+target_col.markdown(
+    f":{'green' if target.ready else 'orange'}-badge[{target.label}] {target.detail}"
+    + (f" · tick **{ACTIVATE}** below" if target.activate else "")
+)
 source = st.radio("Image", [CANONICAL, UPLOAD], horizontal=True, key="probe_source")
 left, right = st.columns([2, 1])
 with left:
@@ -97,7 +110,7 @@ with left:
     else:
         image_bytes = probe.canonical_image_bytes()
     st.checkbox(
-        "Activate the model first if it is not the active backend",
+        ACTIVATE,
         key="probe_activate",
         help="Process-backed entries must be active on the single port; remote entries are probed at their URL.",
     )
@@ -125,8 +138,11 @@ if finished is not None:
         st.session_state.pop("probe_error", None)
         st.session_state["probe_dialog"] = True
     st.rerun()
-if st.session_state.get("probe_error") is not None:
-    ui.show_error(st.session_state["probe_error"], "Vision probe")
+probe_error = st.session_state.get("probe_error")
+if isinstance(probe_error, ProbeError) and probe_error.inactive:
+    st.error(f"**Vision probe failed:** {dd.inactive_probe_message(probe_error, ACTIVATE)}")
+elif probe_error is not None:
+    ui.show_error(probe_error, "Vision probe")
 elif st.session_state.get("probe_last"):
     last = st.session_state["probe_last"]
     verdict = "vision_ok: true" if last.get("vision_ok") else "vision_ok: false"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from .. import history
-from ..errors import ImageWorksError
+from ..errors import ImageWorksError, ProbeError
+from ..probe import activate_command
 from ..registry import Registry
 from ..settings import Settings
 from ..units import format_bytes
@@ -156,12 +158,75 @@ def vision_entries(registry: Registry) -> list[str]:
     return [entry.name for entry in registry if entry.capabilities.vision]
 
 
+def probe_entries(registry: Registry, *, include_text_only: bool = False) -> list[str]:
+    """The Vision Probe page's choices: entries that claim vision, or (``include_text_only``) every entry with a
+    backend, vision ones first: probing a text-only entry shows what a failing probe looks like."""
+    vision = vision_entries(registry)
+    if not include_text_only:
+        return vision
+    return vision + [e.name for e in registry if e.backend is not None and not e.capabilities.vision]
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """Where a probe of the entry would go right now: ``ready`` when it can be probed as it is; ``activate``
+    when activating it first (the page's checkbox) is the way to get there."""
+
+    ready: bool
+    label: str
+    detail: str
+    activate: bool = False
+
+
+def probe_target(settings: Settings, registry: Registry, name: str) -> ProbeTarget:
+    """Whether ``name`` can be probed as it is (the active, ready backend, or a remote entry), from the state file
+    (no health request)."""
+    from ..runtime.state import read_state
+
+    entry = registry.entries[name]
+    if entry.backend is None:
+        return ProbeTarget(False, "no backend", "set backend and backend_config first (Registry → Edit metadata)")
+    if not entry.is_process_backend:
+        return ProbeTarget(True, f"remote · {entry.backend}", "probed at its URL; no activation needed")
+    try:
+        state = read_state(settings)
+    except ImageWorksError as exc:
+        return ProbeTarget(False, "state unreadable", exc.message)
+    if state is not None and state.name == name and state.status == "ready":
+        return ProbeTarget(True, "active · ready", f"serving at {state.base_url}")
+    if state is not None and state.name == name and state.status == "starting":
+        return ProbeTarget(False, "active · starting", "not ready yet: wait, or see the Active Model page")
+    if state is not None and state.name == name:
+        return ProbeTarget(False, f"active · {state.status}", "see the Active Model page", activate=True)
+    running = f"{state.name} runs on the single port" if state is not None else "nothing runs on the single port"
+    return ProbeTarget(False, "not active", running, activate=True)
+
+
+def inactive_probe_message(error: ProbeError, control: str) -> str:
+    """The page's wording of 'not the active backend': the page's own control, and the Active Model page."""
+    name = error.inactive or ""
+    return (
+        f"{error.summary}. Tick **{control}** and run the probe again, or start it on the Active Model page "
+        f"(`{activate_command(name)}`)."
+    )
+
+
+def grounded_text(result: dict[str, Any]) -> str:
+    """'true', 'false', or why it is null: only the canonical image's content is known, and only an answer can
+    name it."""
+    grounded = result.get("grounded")
+    if grounded is not None:
+        return str(bool(grounded)).lower()
+    return "not checked (no answer)" if result.get("expected") else "not checked (custom image)"
+
+
 def probe_view(result: dict[str, Any]) -> dict[str, Any]:
     """A probe result (``ProbeResult.to_dict()``) as the modal's fields."""
     image = result.get("image") or {}
     return {
         "vision_ok": bool(result.get("vision_ok")),
         "grounded": result.get("grounded"),
+        "grounded_text": grounded_text(result),
         "answer": result.get("answer") or "",
         "reasoning": result.get("reasoning") or "",
         "latency": f"{result['latency_ms']:.0f} ms" if result.get("latency_ms") is not None else "",
