@@ -1,20 +1,24 @@
-"""Models → Active Model: the single-port backend's status, start / switch / stop, GPUs, host, history, log."""
+"""Models → Active Model: the single-port backend's status, start / switch / stop / cancel, GPUs, host, history, log.
+
+Every control and banner derives from the current state (``dashboard_data.active.active_view``: the state file,
+the activation in progress, health), re-read each second by the live fragment; when it changes, the whole page
+re-renders, so a page left open follows the CLI, the API and other operators. A start runs in the background
+(the runtime's, one per root), so the page stays live while a backend loads, and Cancel stops it.
+"""
 
 from __future__ import annotations
 
-import jobs
 import streamlit as st
 import ui
 
 from imageworks_core import dashboard_data as dd
-from imageworks_core import runtime
+from imageworks_core.dashboard_data import active
 from imageworks_core.settings import Settings
 
-REFRESH_S = 3.0
-JOB_KEY = "activation"
+SIGNATURE_KEY = "active_signature"
 
 
-# Status panel (auto-refreshing fragment) ----------------------------------------------------------------------
+# Live panels ----------------------------------------------------------------------------------------------------
 def gpu_panel() -> None:
     cards, message = dd.gpu_cards()
     if message:
@@ -37,52 +41,84 @@ def host_panel() -> None:
     load.metric("Load average", stats["load"])
 
 
-def status_panel(settings: Settings) -> None:
-    """Current model, endpoint, status, uptime, health; GPU cards; host figures; log tail."""
-    try:
-        status = dd.service_for(settings).current()
-    except Exception as exc:  # an unreadable state must not take the page down
-        ui.show_error(exc, "Reading the active model")
-        status = None
-    view = dd.status_view(status)
+def banner(view: active.ActiveView) -> None:
+    """The one banner the state calls for."""
+    status = view.status
+    if view.phase == "error":
+        st.error(f"**Reading the active model failed:** {view.error}")
+    elif view.phase == "starting":
+        progress = view.progress
+        if progress is not None:
+            detail = f" — {progress.detail}" if progress.detail else ""
+            who = f" (started by {progress.activated_by})" if progress.activated_by else ""
+            st.info(
+                f"**Starting {progress.name}**{who} · {progress.elapsed_s:.0f} s · {progress.phase}{detail}", icon="⏳"
+            )
+        else:
+            st.info(f"**Starting {view.name}**", icon="⏳")
+    elif view.phase == "failed" and status is not None:
+        st.error(f"**Starting {status.name} failed:** {status.error or 'see the log below'}")
+        if status.log_tail:
+            st.code(
+                "\n".join([f"--- last {len(status.log_tail)} lines of {status.log_path} ---", *status.log_tail]),
+                language=None,
+            )
+    elif view.phase == "stale" and status is not None:
+        st.warning(f"The recorded backend was stale and has been cleaned up: {status.stale_reason}")
+    elif view.phase == "unhealthy" and status is not None:
+        st.warning(f"The backend does not answer its health check: {status.health_detail}")
+    elif view.phase == "ready" and status is not None:
+        ready = ""
+        if status.ready_at is not None:
+            ready = f" in {(status.ready_at - status.started_at).total_seconds():.1f} s"
+        st.success(f"{status.name} is ready at `{status.base_url}`{ready}.")
+    outcome = view.outcome
+    if outcome is not None and outcome.error and view.phase in ("idle", "ready", "unhealthy"):
+        # A refusal (lock violation, GPU fit, port held) changes no state: only this outcome says it.
+        st.error(f"**Starting {outcome.name} failed:** {outcome.error}")
+
+
+def status_panel(settings: Settings, view: active.ActiveView) -> None:
+    """Current model, status, uptime, health; banner; GPU cards; host figures; log tail."""
+    status = view.status
+    shown = dd.status_view(status if view.phase != "stale" else None)
+    if view.phase == "starting":
+        shown["status"] = "starting"
     model, state, uptime, health = st.columns([2, 1, 1, 1])
-    model.metric("Active model", view["name"] or "none")
-    state.metric("Status", view["status"])
-    uptime.metric("Uptime", view["uptime"] or "—")
-    health.metric("Health", {True: "healthy", False: "unhealthy", None: "—"}[view["healthy"]])
-    if status is not None:
-        st.markdown(f"**Endpoint:** `{view['endpoint']}` · pid {view['pid']}")
-        if status.status == "stale":
-            st.warning(f"The recorded backend was stale and has been cleaned up: {status.stale_reason}")
-        elif status.status == "failed":
-            st.error(f"The last activation of {status.name} failed: {status.error or 'see the log below'}")
-        elif status.healthy is False:
-            st.warning(f"The backend does not answer its health check: {status.health_detail}")
-    else:
+    model.metric("Active model", view.name or "none")
+    state.metric("Status", shown["status"])
+    uptime.metric("Uptime", shown["uptime"] or "—")
+    health_text = {True: "healthy", False: "unhealthy", None: "—"}[shown["healthy"]]
+    health.metric("Health", "starting" if view.phase == "starting" else health_text)
+    banner(view)
+    if status is not None and view.phase != "stale":
+        st.markdown(f"**Endpoint:** `{shown['endpoint']}` · pid {shown['pid'] or '—'}")
+    elif view.phase == "idle":
         st.caption("No model is active on the single port. Pick one below and start it.")
     gpu_panel()
     host_panel()
-    log_name = view["name"] or st.session_state.get("activation_target")
+    log_name = view.name
     if log_name:
-        with st.expander(f"Backend log: {log_name} (last 30 lines)"):
-            lines = runtime.tail_backend_log(settings, log_name, lines=30)
+        with st.expander(f"Backend log: {log_name}", expanded=view.phase in ("starting", "failed")):
+            show_polls = st.toggle("Show health checks", key="active_show_polls")
+            lines = active.log_lines(settings, log_name, show_polls=show_polls)
             st.code("\n".join(lines) or "(empty)", language=None)
+            hidden = 0 if show_polls else active.hidden_polls(settings, log_name)
+            if hidden:
+                st.caption(f"{hidden} health-check line{'s' if hidden != 1 else ''} hidden")
 
 
-@st.fragment(run_every=REFRESH_S)
+@st.fragment(run_every=active.REFRESH_S)
 def live_status(settings: Settings) -> None:
-    status_panel(settings)
+    view = active.active_view(settings)
+    if view.signature != st.session_state.get(SIGNATURE_KEY):
+        st.rerun(scope="app")  # the controls must change too
+    status_panel(settings, view)
+    if view.can_cancel:
+        st.button("Cancel start", icon=":material/cancel:", key="active_cancel", on_click=_cancel, args=(settings,))
 
 
-# Start / switch / stop ----------------------------------------------------------------------------------------
-def _activate_work(settings: Settings, name: str, force: bool) -> jobs.Work:
-    return lambda report: dd.service_for(settings).activate(name, force=force, on_progress=report)
-
-
-def _stop_work(settings: Settings) -> jobs.Work:
-    return lambda report: dd.service_for(settings).stop(reason="stopped from the dashboard")
-
-
+# Start / switch / stop / cancel -------------------------------------------------------------------------------
 def _ask(action: str, current: str | None) -> None:
     # The widgets' current values, not those of the last render: a click may come with other changes.
     name = current if action == "stop" else st.session_state.get("active_model_target")
@@ -93,9 +129,30 @@ def _close_confirm() -> None:
     st.session_state.pop("active_confirm", None)
 
 
+def _stop(settings: Settings, reason: str) -> None:
+    try:
+        result = dd.service_for(settings).stop(reason=reason)
+    except Exception as exc:  # shown as an error, never a traceback
+        st.session_state["active_error"] = ("Stopping", exc)
+        return
+    if result is None:
+        ui.flash("info", "Nothing was running.")
+    elif result.cancelled and not result.pid:
+        ui.flash("info", f"Cancelled the start of {result.cancelled} ({result.stop_s:.1f} s).")
+    else:
+        warnings = "\n".join(result.warnings or []) or None
+        ui.flash("success", f"Stopped {result.name} in {result.stop_s:.1f} s ({result.signal or 'already gone'}).")
+        if warnings:
+            st.session_state["active_stop_warnings"] = warnings
+
+
+def _cancel(settings: Settings) -> None:
+    _stop(settings, "start cancelled from the dashboard")
+
+
 def confirm_action(settings: Settings, action: str, name: str | None, force: bool) -> None:
-    """The confirmation's body: what will happen, then Confirm / Cancel (Confirm starts the job)."""
-    current = active_name(settings)
+    """The confirmation's body: what will happen, then Confirm / Cancel (Confirm acts, then the page re-reads)."""
+    current = active.active_view(settings).name
     if action == "stop":
         st.markdown(
             f"Stop **{current or 'the active backend'}**? Requests to the single port fail until a model is started."
@@ -108,12 +165,14 @@ def confirm_action(settings: Settings, action: str, name: str | None, force: boo
         st.warning("Force: a locked entry whose weights drifted starts anyway; the lock violation is audit-logged.")
     left, right = st.columns(2)
     if left.button("Confirm", type="primary", key="active_confirm_ok"):
-        if action == "stop":
-            jobs.start(JOB_KEY, "Stopping the backend", _stop_work(settings))
-        else:
-            st.session_state["activation_target"] = name
-            jobs.start(JOB_KEY, f"Starting {name}", _activate_work(settings, str(name), force))
         _close_confirm()
+        if action == "stop":
+            _stop(settings, "stopped from the dashboard")
+        else:
+            try:
+                dd.service_for(settings).start_activation(str(name), force=force)
+            except Exception as exc:  # already starting: shown as an error
+                st.session_state["active_error"] = (f"Starting {name}", exc)
         st.rerun()
     if right.button("Cancel", key="active_confirm_cancel"):
         _close_confirm()
@@ -125,50 +184,10 @@ def confirm_dialog(settings: Settings, action: str, name: str | None, force: boo
     confirm_action(settings, action, name, force)
 
 
-def render_activation_progress(settings: Settings, job: jobs.Job) -> None:
-    """Elapsed time, the runtime's phase and the backend's last log lines while it starts."""
-    phase, detail = "", ""
-    if job.progress:
-        phase = str(job.progress[0])
-        detail = str(job.progress[2]) if len(job.progress) > 2 else ""
-    st.info(f"**{job.label}** · {job.elapsed:.1f} s · {phase} {('— ' + detail) if detail else ''}", icon="⏳")
-    name = st.session_state.get("activation_target")
-    if name and job.label.startswith("Starting"):
-        lines = runtime.tail_backend_log(settings, name, lines=8)
-        if lines:
-            st.code("\n".join(lines), language=None)
-
-
-def render_activation_outcome(job: jobs.Job) -> None:
-    if job.error is not None:
-        ui.show_error(job.error, job.label)
-        return
-    result = job.result
-    if job.label.startswith("Stopping"):
-        if result is None:
-            st.info("Nothing was running.")
-        else:
-            st.success(f"Stopped {result.name} in {result.stop_s:.1f} s ({result.signal or 'already gone'}).")
-            for warning in result.warnings or []:
-                st.warning(warning)
-        return
-    ready = ""
-    if result.ready_at is not None:
-        ready = f" in {(result.ready_at - result.started_at).total_seconds():.1f} s"
-    st.success(f"{result.name} is ready at `{result.base_url}`{ready}.")
-
-
-def active_name(settings: Settings) -> str | None:
-    """The model serving (or starting on) the single port, from the state file (no health request)."""
-    try:
-        status = dd.service_for(settings).current(check_health=False)
-    except Exception:  # the status panel shows the error; controls just assume nothing runs
-        return None
-    return status.name if status is not None and status.status in ("ready", "starting") else None
-
-
-def controls(names: list[str] | None, current: str | None) -> None:
-    """Model picker, Start / Switch and Stop (Stop works even when the registry cannot be read: ``names`` None)."""
+def controls(names: list[str], view: active.ActiveView) -> None:
+    """Model picker, Start / Switch and Stop, enabled as the current state allows (Stop works even when the
+    registry cannot be read)."""
+    current = view.name if view.phase in ("ready", "unhealthy", "starting") else None
     target = None
     if names:
         default = names.index(current) if current in names else 0
@@ -177,8 +196,6 @@ def controls(names: list[str] | None, current: str | None) -> None:
             "Force (start a locked entry even if its weights drifted; recorded as a lock violation)",
             key="active_force",
         )
-    elif names is None:
-        st.info("No model can be started while the registry cannot be read (problems above); Stop still works.")
     else:
         st.info("No process-backed entry (vllm / lmdeploy) to start: remote entries need no activation.")
     left, right, _ = st.columns([1, 1, 4])
@@ -187,23 +204,25 @@ def controls(names: list[str] | None, current: str | None) -> None:
             "Switch" if current and current != target else "Start",
             type="primary",
             icon=":material/play_arrow:",
-            disabled=jobs.busy() or current == target,
+            disabled=not view.can_start or current == target,
             on_click=_ask,
             args=("start", current),
         )
-    right.button("Stop", icon=":material/stop:", disabled=jobs.busy(), on_click=_ask, args=("stop", current))
+    right.button("Stop", icon=":material/stop:", disabled=not view.can_stop, on_click=_ask, args=("stop", view.name))
 
 
 settings = ui.settings()
 st.title("Active Model")
 registry = ui.registry(settings, required=False)
-controls(dd.process_entries(registry) if registry is not None else None, active_name(settings))
-finished = jobs.wait(JOB_KEY, lambda job: render_activation_progress(settings, job))
-if finished is not None:
-    st.session_state["active_outcome"] = finished
-    st.rerun()  # re-render the controls enabled and the status with the new backend
-if st.session_state.get("active_outcome") is not None:
-    render_activation_outcome(st.session_state["active_outcome"])
+snapshot = active.active_view(settings)
+st.session_state[SIGNATURE_KEY] = snapshot.signature
+controls(dd.process_entries(registry) if registry is not None else [], snapshot)
+ui.show_flash()
+if st.session_state.get("active_stop_warnings"):
+    st.warning(st.session_state.pop("active_stop_warnings"))
+if st.session_state.get("active_error") is not None:
+    action, error = st.session_state.pop("active_error")
+    ui.show_error(error, action)
 st.divider()
 live_status(settings)
 st.subheader("Activation history")
