@@ -754,7 +754,7 @@ def test_audit_log_viewer_filters_by_event(root: Settings) -> None:
     widget(at.selectbox, "Event").set_value("lock_violation")
     run(at)
     events = table(at)
-    assert list(events["event"]) == ["lock_violation"] and list(events["name"]) == [DEMO]
+    assert list(events["event"]) == ["lock_violation"] and list(events["entry"]) == [DEMO]
     assert json.loads(events["details"][0]) == {"name": DEMO, "files": ["LICENSE"]}
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, free_port
 from streamlit.testing.v1 import AppTest
 
-from imageworks_core import dashboard_data, runtime
+from imageworks_core import audit, dashboard_data, runtime
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.settings import Settings, get_settings
 
@@ -228,3 +228,55 @@ def test_grounded_text_says_why_it_is_null() -> None:
     assert dashboard_data.grounded_text({"grounded": False, "expected": ["red"]}) == "false"
     assert dashboard_data.grounded_text({"grounded": None, "expected": []}) == "not checked (custom image)"
     assert dashboard_data.grounded_text({"grounded": None, "expected": ["red"]}) == "not checked (no answer)"
+
+
+# Item 11: Settings ---------------------------------------------------------------------------------------------
+def test_environment_shows_the_port_this_dashboard_serves(root: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEWORKS_DASHBOARD_PORT", "8600")
+    settings = get_settings(root.root)
+    rows = {r["variable"]: r for r in dashboard_data.env_rows(settings, served_port=8777)}
+    assert rows["IMAGEWORKS_DASHBOARD_PORT"]["value"] == "8777"
+    assert rows["IMAGEWORKS_DASHBOARD_PORT"]["source"] == "served (the variable says 8600)"
+    rows = {r["variable"]: r for r in dashboard_data.env_rows(settings, served_port=8600)}
+    assert (rows["IMAGEWORKS_DASHBOARD_PORT"]["value"], rows["IMAGEWORKS_DASHBOARD_PORT"]["source"]) == ("8600", "env")
+    at = open_page("settings", "Environment")
+    env = at.dataframe[0].value.set_index("variable")
+    from streamlit import config
+
+    served = str(config.get_option("server.port"))
+    assert env.loc["IMAGEWORKS_DASHBOARD_PORT", "value"] == served, "the served port, not the variable"
+
+
+def test_audit_log_reads_time_actor_event_entry_outcome(root: Settings) -> None:
+    audit.log_event(root, "lock_violation", name=DEMO, action="activate", forced=True, verify_result="drift")
+    audit.log_event(root, "registry_write", file="x", command="edit", names=[DEMO, DEMO_TEXT])
+    audit.log_event(root, "download", repo_id="acme/tiny", status="failed", error="HTTP 404")
+    audit.log_event(root, "probe", name=DEMO, vision_ok=True, grounded=True)
+    at = open_page("settings", "Audit log")
+    frame = at.dataframe[0].value
+    assert list(frame.columns) == ["time", "actor", "event", "entry", "outcome", "details"]
+    assert list(frame["event"]) == ["probe", "download", "registry_write", "lock_violation"]
+    assert list(frame["entry"]) == [DEMO, "acme/tiny", f"{DEMO}, {DEMO_TEXT}", DEMO]
+    assert list(frame["outcome"]) == ["vision_ok", "failed", "ok", "forced"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", frame["time"][0]), "local time, no ISO noise"
+    assert "click a details cell to expand it" in joined(at.caption)
+
+
+def test_test_connection_of_a_remote_backend_hints_at_its_url_and_key(
+    root: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    monkeypatch.delenv("REMOTE_TEST_KEY", raising=False)
+    unreachable = dashboard_data.check_connection(f"http://127.0.0.1:{port}/v1", key_env="REMOTE_TEST_KEY", remote=True)
+    assert "base_url" in unreachable.message and "Active Model" not in unreachable.message
+    at = open_page("settings", "Backends")
+    remote = next(
+        i
+        for i, t in enumerate(dashboard_data.backend_targets(load_registry(settings=root), root))
+        if REMOTE in t.entries
+    )
+    at.button(key=f"test:{remote}").click()
+    run(at)
+    error = joined(at.error)
+    assert error and "Active Model" not in error, "a remote endpoint is not started on the Active Model page"
+    assert "key from `$" in joined(at.markdown), "the key's variable is named beside the endpoint"

@@ -16,8 +16,10 @@ def _request_reload() -> None:
     st.session_state["reload_requested"] = True
 
 
-def _test(index: int, endpoint: str, api_key_env: str | None) -> None:
-    st.session_state[f"connection:{index}"] = dd.check_connection(endpoint, key_env=api_key_env)
+def _test(index: int, target: dd.BackendTarget) -> None:
+    st.session_state[f"connection:{index}"] = dd.check_connection(
+        target.endpoint, key_env=target.api_key_env, remote=target.remote
+    )
 
 
 def backends_tab(settings: Settings, registry: Registry | None, reloaded: dd.RegistryView | None) -> None:
@@ -44,12 +46,13 @@ def backends_tab(settings: Settings, registry: Registry | None, reloaded: dd.Reg
     for index, target in enumerate(dd.backend_targets(registry, settings)):
         with st.container(border=True):
             info, action = st.columns([5, 1], vertical_alignment="center")
-            info.markdown(f"`{target.endpoint}` · {target.kind}  \n{', '.join(target.entries)}")
+            key = f" · key from `${target.api_key_env}`" if target.api_key_env else ""
+            info.markdown(f"`{target.endpoint}` · {target.kind}{key}  \n{', '.join(target.entries)}")
             action.button(
                 "Test connection",
                 key=f"test:{index}",
                 on_click=_test,
-                args=(index, target.endpoint, target.api_key_env),
+                args=(index, target),
             )
             result = st.session_state.get(f"connection:{index}")
             if result is not None:
@@ -65,8 +68,17 @@ def audit_tab(settings: Settings) -> None:
     frame = dd.audit_frame(settings, None if event == "All" else event, int(limit))
     if frame.empty:
         st.caption(f"No {'' if event == 'All' else event + ' '}events in {settings.audit_log_path}.")
-    else:
-        st.dataframe(frame, hide_index=True, width="stretch")
+        return
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "time": st.column_config.TextColumn("time", width="medium"),
+            "details": st.column_config.JsonColumn("details", help="Click a cell to expand every field"),
+        },
+    )
+    st.caption(f"{len(frame)} event{'s' if len(frame) != 1 else ''}, newest first; click a details cell to expand it.")
 
 
 settings = ui.settings()
@@ -83,8 +95,12 @@ if paths_tab.open:
         st.dataframe(pd.DataFrame(dd.path_rows(settings)), hide_index=True, width="stretch")
 if env_tab.open:
     with env_tab:
-        st.caption("Environment settings as this run reads them; 'default' means the variable is unset.")
-        st.dataframe(pd.DataFrame(dd.env_rows(settings)), hide_index=True, width="stretch")
+        st.caption(
+            "Environment settings as this run reads them; 'default' means the variable is unset. The dashboard "
+            "port is the one this server really serves on."
+        )
+        rows = dd.env_rows(settings, served_port=int(st.get_option("server.port")))
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 if backends.open:
     with backends:
         backends_tab(settings, registry, reloaded)
