@@ -27,7 +27,7 @@ from .selection import Selection, select_model
 from .settings import Settings, get_settings
 
 if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing the registry stays fast
-    from .discovery import DownloadOutcome
+    from .discovery import DiscoveredUpdate, DownloadOutcome
     from .hashing import Algorithm, ProgressCallback
     from .legacy import ImportReport
     from .probe import ProbeResult
@@ -373,6 +373,16 @@ class ImageWorks:
 
         try:
             return download_and_register(self.settings, repo_id, **options)
+        finally:
+            self.refresh()
+
+    def scan(self, directory: Any, *, name: str | None = None) -> DiscoveredUpdate:
+        """Adopt a folder already on disk as a discovered entry, offline (``imageworks-download scan``; see
+        :func:`imageworks_core.discovery.adopt_directory`); the entry is served at once."""
+        from .discovery import adopt_directory
+
+        try:
+            return adopt_directory(self.settings, directory, name=name)
         finally:
             self.refresh()
 

@@ -77,6 +77,7 @@ class FakeRepo:
     log: list[ServedRequest] = field(default_factory=list)
     _corrupt: set[str] = field(default_factory=set)
     _faults: dict[str, list[_Fault]] = field(default_factory=dict)
+    _holds: dict[str, threading.Event] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -126,6 +127,18 @@ class FakeRepo:
         """The next ``times`` body GETs of ``path`` answer ``status`` with no body."""
         with self._lock:
             self._faults.setdefault(path, []).extend([_Fault("status", status)] * times)
+
+    def hold(self, path: str) -> threading.Event:
+        """Body GETs of ``path`` send half their bytes, then wait (at most 60 s) until the returned event is set:
+        a download stays in flight, mid-file, while a test acts on it."""
+        release = threading.Event()
+        with self._lock:
+            self._holds[path] = release
+        return release
+
+    def held(self, path: str) -> threading.Event | None:
+        with self._lock:
+            return self._holds.get(path)
 
     def clear_faults(self) -> None:
         """Serve every file correctly again (corruption and queued faults dropped; the log is kept)."""
@@ -406,6 +419,12 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{total}")
         self.end_headers()
         try:
+            release = None if head else repo.held(path)
+            if release is not None:
+                self.wfile.write(wire[: len(wire) // 2])
+                self.wfile.flush()
+                release.wait(60)
+                wire = wire[len(wire) // 2 :]
             self.wfile.write(wire)
             self.wfile.flush()
         except OSError:

@@ -13,6 +13,7 @@ import ui
 
 from imageworks_core import dashboard_data as dd
 from imageworks_core import history
+from imageworks_core.download import DEFAULT_LOCATION
 from imageworks_core.errors import ImageWorksError, UsageError
 from imageworks_core.hashing import DriftReport
 from imageworks_core.registry import Registry, filter_entries
@@ -445,7 +446,130 @@ def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, stat
 
 
 # Import from Download History ---------------------------------------------------------------------------------
+_DOWNLOAD = "download"
+
+
+def _start_download(settings: Settings) -> None:
+    """The Download form's submit (a callback, so the job starts before the page reruns)."""
+    repo_id = str(st.session_state.get("download_repo") or "").strip()
+    revision = str(st.session_state.get("download_revision") or "").strip() or None
+    location = str(st.session_state.get("download_location") or "").strip() or DEFAULT_LOCATION
+    tracker = dd.DownloadTracker()
+    st.session_state["download_tracker"] = tracker
+    st.session_state.pop("outcome:download", None)
+    jobs.start(
+        _DOWNLOAD,
+        f"Downloading {repo_id}",
+        lambda report: dd.service_for(settings).download(
+            repo_id, location=location, revision=revision, progress=tracker
+        ),
+    )
+
+
+def _download_progress() -> None:
+    """The running download's bar and Cancel; once it ends, its outcome is kept and the whole page reruns."""
+    job = jobs.get(_DOWNLOAD)
+    tracker = st.session_state.get("download_tracker")
+    if job is None or tracker is None:
+        return
+    if job.done:
+        finished = jobs.wait(_DOWNLOAD, lambda _: None)
+        st.session_state["outcome:download"] = finished
+        if finished is not None and finished.error is None:
+            st.session_state["import_pick_next"] = f"discovered:{finished.result.update.name}"
+        st.rerun()  # the candidates and the history table show the new run
+    progress = tracker.snapshot()
+    st.progress(progress.fraction, text=f"{job.label}: {progress.text} · {job.elapsed:.0f} s")
+    st.button(
+        "Cancel download",
+        key="download_cancel",
+        icon=":material/cancel:",
+        on_click=tracker.cancel,
+        disabled=progress.cancelling,
+        help="Stops at the next received chunk; the partial bytes stay for a resume, no marker is written.",
+    )
+
+
+def render_download_outcome(job: jobs.Job) -> None:
+    if isinstance(job.error, dd.DownloadCancelled):
+        st.warning(
+            f"{job.label} cancelled: partial bytes kept (Download again to resume); no download marker written, "
+            "nothing added to the registry."
+        )
+    elif job.error is not None:
+        ui.show_error(job.error, "Download")
+    else:
+        outcome = job.result
+        result = outcome.result
+        st.success(
+            f"Downloaded {result.repo_id}@{result.commit_sha[:12]} into `{result.target}`: {len(result.files)} "
+            f"file{'s' if len(result.files) != 1 else ''}, {format_bytes(result.total_bytes)}, verified. Discovered "
+            f"entry **{outcome.update.name}** ({outcome.update.status}): import it below."
+        )
+
+
+def fetch_section(settings: Settings) -> None:
+    """Scan a folder already on disk (offline) or download owner/repo from the Hub, with progress and Cancel."""
+    scan_col, download_col = st.columns(2, gap="large")
+    with scan_col, st.form("scan_form"):
+        st.markdown("**Scan a folder** (offline; nothing copied, nothing written inside it)")
+        directory = st.text_input("Folder", key="scan_dir", placeholder="/srv/models/owner/repo")
+        scan_name = st.text_input("Logical name (optional)", key="scan_name")
+        scan = st.form_submit_button("Scan", icon=":material/folder_open:", disabled=jobs.busy())
+    with download_col, st.form("download_form"):
+        st.markdown("**Download from the Hugging Face Hub** (verified, resumable)")
+        st.text_input("Repository", key="download_repo", placeholder="owner/repo")
+        st.text_input("Revision (optional)", key="download_revision", placeholder="main")
+        st.text_input(
+            "Location",
+            key="download_location",
+            value=DEFAULT_LOCATION,
+            help="A location name from configs/locations.json, or a directory; files land in <location>/<owner>/<repo>.",
+        )
+        st.form_submit_button(
+            "Download",
+            type="primary",
+            icon=":material/download:",
+            disabled=jobs.busy(),
+            on_click=_start_download,
+            args=(settings,),
+        )
+    if scan:
+        if not directory.strip():
+            st.error("Give the folder to scan.")
+        else:
+            try:
+                with st.spinner(f"Scanning {directory.strip()}…"):
+                    update = dd.service_for(settings).scan(directory.strip(), name=scan_name.strip() or None)
+            except ImageWorksError as exc:
+                ui.show_error(exc, "Scan")
+            else:
+                entry = update.entry
+                files = len(entry.get("download_files") or [])
+                ui.flash(
+                    "success",
+                    f"Scanned `{entry['download_path']}`: {files} file{'s' if files != 1 else ''}, "
+                    f"{format_bytes(entry.get('download_size_bytes'))}, format {entry.get('download_format')}. "
+                    f"Discovered entry **{update.name}** ({update.status}): import it below.",
+                )
+                st.session_state["import_pick_next"] = f"discovered:{update.name}"
+                st.rerun()
+    running = jobs.get(_DOWNLOAD)
+    st.fragment(_download_progress, run_every=1.0 if running is not None and not running.done else None)()
+    outcome = st.session_state.get("outcome:download")
+    if outcome is not None:
+        render_download_outcome(outcome)
+    rows = dd.download_history_rows(settings)
+    with st.expander(f"Download History ({len(rows)} run{'s' if len(rows) != 1 else ''})", expanded=bool(outcome)):
+        if rows:
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="download_history")
+        else:
+            st.caption("No downloads recorded yet.")
+
+
 def import_section(settings: Settings, registry: Registry) -> None:
+    fetch_section(settings)
+    st.divider()
     downloads = history.list_downloads(settings) if settings.history_db_path.exists() else []
     candidates = dd.import_candidates(registry, downloads)
     st.caption(
@@ -455,7 +579,7 @@ def import_section(settings: Settings, registry: Registry) -> None:
     if not candidates:
         st.info(
             "Nothing to import: every discovered entry and download is already curated. "
-            "Download with `imageworks-download download owner/repo`."
+            "Scan a folder or download a repository above."
         )
         return
     st.dataframe(
@@ -478,6 +602,9 @@ def import_section(settings: Settings, registry: Registry) -> None:
         width="stretch",
     )
     by_key = {c.key: c for c in candidates}
+    wanted = st.session_state.pop("import_pick_next", None)
+    if wanted in by_key:
+        st.session_state["import_pick"] = wanted
     key = st.selectbox("Entry to import", list(by_key), format_func=lambda k: by_key[k].label, key="import_pick")
     candidate = by_key[key]
     backends = list(typing.get_args(Backend))

@@ -11,6 +11,13 @@ backend targets, audit log) and ``host`` (GPU and system panels).
 
 from __future__ import annotations
 
+from .downloads import (
+    DownloadCancelled,
+    DownloadProgress,
+    DownloadTracker,
+    download_history_rows,
+    eta_text,
+)
 from .edits import (
     CuratedPreview,
     ImportCandidate,
@@ -87,6 +94,9 @@ __all__ = [
     "BackendTarget",
     "CAPABILITY_ICONS",
     "ConnectionResult",
+    "DownloadCancelled",
+    "DownloadProgress",
+    "DownloadTracker",
     "CuratedPreview",
     "ImportCandidate",
     "ProbeTarget",
@@ -103,11 +113,13 @@ __all__ = [
     "capability_icons",
     "check_connection",
     "drift_tables",
+    "download_history_rows",
     "duration_text",
     "entry_history",
     "env_rows",
     "env_text",
     "error_lines",
+    "eta_text",
     "grounded_text",
     "inactive_probe_message",
     "field_rows",
