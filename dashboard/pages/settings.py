@@ -95,11 +95,12 @@ if paths_tab.open:
         st.dataframe(pd.DataFrame(dd.path_rows(settings)), hide_index=True, width="stretch")
 if env_tab.open:
     with env_tab:
+        served_port = int(st.get_option("server.port"))
         st.caption(
-            "Environment settings as this run reads them; 'default' means the variable is unset. The dashboard "
-            "port is the one this server really serves on."
+            "Environment settings as this run reads them; 'default' means the variable is unset. This dashboard "
+            f"serves on port **{served_port}** (the IMAGEWORKS_DASHBOARD_PORT row shows it)."
         )
-        rows = dd.env_rows(settings, served_port=int(st.get_option("server.port")))
+        rows = dd.env_rows(settings, served_port=served_port)
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 if backends.open:
     with backends:
