@@ -184,9 +184,9 @@ def confirm_dialog(settings: Settings, action: str, name: str | None, force: boo
     confirm_action(settings, action, name, force)
 
 
-def controls(names: list[str], view: active.ActiveView) -> None:
+def controls(names: list[str] | None, view: active.ActiveView) -> None:
     """Model picker, Start / Switch and Stop, enabled as the current state allows (Stop works even when the
-    registry cannot be read)."""
+    registry cannot be read: ``names`` None)."""
     current = view.name if view.phase in ("ready", "unhealthy", "starting") else None
     target = None
     if names:
@@ -196,6 +196,8 @@ def controls(names: list[str], view: active.ActiveView) -> None:
             "Force (start a locked entry even if its weights drifted; recorded as a lock violation)",
             key="active_force",
         )
+    elif names is None:
+        st.info("No model can be started while the registry cannot be read (problems above); Stop still works.")
     else:
         st.info("No process-backed entry (vllm / lmdeploy) to start: remote entries need no activation.")
     left, right, _ = st.columns([1, 1, 4])
@@ -216,7 +218,7 @@ st.title("Active Model")
 registry = ui.registry(settings, required=False)
 snapshot = active.active_view(settings)
 st.session_state[SIGNATURE_KEY] = snapshot.signature
-controls(dd.process_entries(registry) if registry is not None else [], snapshot)
+controls(dd.process_entries(registry) if registry is not None else None, snapshot)
 ui.show_flash()
 if st.session_state.get("active_stop_warnings"):
     st.warning(st.session_state.pop("active_stop_warnings"))
