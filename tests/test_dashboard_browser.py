@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import REPO, free_port, require, seed_root
 
@@ -265,6 +266,102 @@ def test_active_model_panel_stops_with_confirmation_and_refreshes_by_itself(
     expect(page.get_by_test_id("stMetric").filter(has_text="Health")).to_contain_text("healthy")
     no_exception(page)
     page.screenshot(path=str(tmp_path / "active_model_running.png"), full_page=True)
+
+
+def open_active_model(page: object, dashboard: Dashboard) -> None:
+    """The Active Model page as an operator reaches it: the app, then the sidebar link."""
+    open_page(page, dashboard, "", "Registry")
+    navigate(page, "Active Model", "Active Model")
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def launch_processes(settings: Settings) -> list[psutil.Process]:
+    """Every live process of the launch the state file records (the runtime's own proof of ownership)."""
+    from imageworks_core.runtime import process
+
+    state = runtime.read_state(settings)
+    return process.processes_of(state) if state is not None else []
+
+
+def test_a_slow_start_is_live_in_the_page_and_cancelled_from_it(page, dashboard: Dashboard, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    from imageworks_core import history
+    from imageworks_core.registry import load_registry, update_entry
+
+    runtime.stop(dashboard.settings, reason="test setup")
+    config = load_registry(settings=dashboard.settings).get(DEMO_TEXT).backend_config.model_dump(exclude_none=True)
+    slow = ["bash", "-c", 'sleep 25; exec "$@"', "-", *config["launch"]]
+    update_entry(dashboard.settings, DEMO_TEXT, {"backend_config": {**config, "launch": slow}}, command="test")
+    try:
+        open_active_model(page, dashboard)
+        page.get_by_label("Model to run on the single port").click()
+        page.get_by_role("option", name=DEMO_TEXT).click()
+        settle(page)
+        page.get_by_role("button", name="Start", exact=True).click()
+        page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        # While it starts the page stays live: phase and elapsed time move, the status says starting.
+        banner = page.get_by_text(re.compile(rf"Starting {re.escape(DEMO_TEXT)}.* · \d+ s · waiting"))
+        expect(banner).to_be_visible(timeout=20_000)
+        expect(page.get_by_test_id("stMetric").filter(has_text="Status")).to_contain_text("starting")
+        first = banner.inner_text()
+        expect(banner).not_to_have_text(first, timeout=5_000)  # the elapsed time advances by itself
+        expect(page.get_by_role("button", name="Start", exact=True)).to_be_disabled()
+        started = launch_processes(dashboard.settings)
+        assert len(started) >= 2, "bash and its sleep are running"
+        page.screenshot(path=str(tmp_path / "active_model_starting.png"), full_page=True)
+        clicked = time.monotonic()
+        page.get_by_role("button", name="Cancel start").click()
+        deadline = clicked + 2.0
+        while runtime.read_state(dashboard.settings) is not None or any(map(alive, started)):
+            assert time.monotonic() < deadline, (
+                f"not cancelled within 2 s: state {runtime.read_state(dashboard.settings)}, "
+                f"alive {[p.pid for p in started if alive(p)]}"
+            )
+            time.sleep(0.05)
+        expect(page.get_by_text(f"Cancelled the start of {DEMO_TEXT}")).to_be_visible()
+        expect(page.get_by_test_id("stMetric").filter(has_text="Active model")).to_contain_text("none")
+        row = history.list_activations(dashboard.settings)[0]
+        assert (row["name"], row["action"], row["result"]) == (DEMO_TEXT, "activate", "cancelled")
+        expect(page.get_by_role("button", name="Start", exact=True)).to_be_enabled()
+        no_exception(page)
+    finally:
+        update_entry(dashboard.settings, DEMO_TEXT, {"backend_config": config}, command="test")
+
+
+def test_a_stop_by_another_operator_shows_in_the_first_page_within_seconds(
+    browser, dashboard: Dashboard, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    runtime.activate(dashboard.settings, DEMO)
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 900}) for _ in range(2)]
+    try:
+        first, second = (context.new_page() for context in contexts)
+        for tab in (first, second):
+            tab.set_default_timeout(ACTION_TIMEOUT_MS)
+            open_active_model(tab, dashboard)
+            expect(tab.get_by_test_id("stMetric").filter(has_text="Active model")).to_contain_text(DEMO)
+        expect(first.get_by_text(f"{DEMO} is ready at")).to_be_visible()
+        second.get_by_role("button", name="Stop").click()
+        second.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        expect(second.get_by_text(f"Stopped {DEMO} in")).to_be_visible()
+        # The first operator clicked nothing: within a few seconds the page says not ready and offers Start.
+        expect(first.get_by_test_id("stMetric").filter(has_text="Active model")).to_contain_text("none", timeout=5_000)
+        expect(first.get_by_text(f"{DEMO} is ready at")).to_have_count(0)
+        expect(first.get_by_role("button", name="Start", exact=True)).to_be_enabled()
+        expect(first.get_by_role("button", name="Stop")).to_be_disabled()
+        first.screenshot(path=str(tmp_path / "active_model_after_other_stop.png"), full_page=True)
+        no_exception(first)
+    finally:
+        for context in contexts:
+            context.close()
 
 
 def test_reload_registry_after_corruption_shows_the_error_banner(page, dashboard: Dashboard, tmp_path: Path) -> None:
