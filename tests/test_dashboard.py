@@ -25,6 +25,8 @@ from conftest import REPO, demo_argv, demo_launch, free_port
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit, dashboard_data, gpu, history, runtime
+from imageworks_core.dashboard_data import active
+from imageworks_core.errors import BackendError
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.registry_file import read_registry_text
 from imageworks_core.runtime import background
@@ -848,6 +850,41 @@ def test_active_model_failed_start_shows_the_error_and_the_log_tail(
     run_until_settled(at, single_port)
     assert f"**Starting {DEMO_TEXT} failed:**" in joined(at.error)
     assert any("last" in c and "lines of" in c for c in texts(at.code)), "the backend's last log lines are shown"
+
+
+def test_once_ready_the_page_checks_health_slowly_and_hides_its_own_poll_lines(single_port: Settings) -> None:
+    runtime.activate(single_port, DEMO)
+    log = runtime.backend_log_path(single_port, DEMO)
+    polls_at_ready = sum("GET /health" in line for line in log.read_text().splitlines())
+    for _ in range(5):  # five page refreshes (the fragment runs each second): one health check, not five
+        assert active.active_view(single_port).phase == "ready"
+    polls = sum("GET /health" in line for line in log.read_text().splitlines())
+    assert polls - polls_at_ready <= 1
+    lines = active.log_lines(single_port, DEMO)
+    assert lines and not any("GET /health" in line or "GET /v1/models" in line for line in lines)
+    assert any("listening on" in line for line in lines), "the start-up lines stay visible"
+    assert any("GET /health" in line for line in active.log_lines(single_port, DEMO, show_polls=True))
+
+    at = open_page("active_model")
+    assert any("health-check line" in c and "hidden" in c for c in texts(at.caption))
+    assert not any("GET /health" in c for c in texts(at.code))
+    widget(at.toggle, "Show health checks").set_value(True)
+    run(at)
+    assert any("GET /health" in c for c in texts(at.code))
+
+
+def test_a_failed_start_is_shown_from_the_state_in_every_session(single_port: Settings) -> None:
+    update_entry(single_port, DEMO_TEXT, {"backend_config": {"launch": ["no-such-vllm", "serve"]}}, command="test")
+    with pytest.raises(BackendError, match="no-such-vllm"):
+        runtime.activate(single_port, DEMO_TEXT)
+    at = open_page("active_model")  # a session that never clicked anything
+    assert f"**Starting {DEMO_TEXT} failed:**" in joined(at.error) and "no-such-vllm" in joined(at.error)
+    assert {m.label: m.value for m in at.metric}["Status"] == "failed"
+    widget(at.button, "Stop").click()
+    run(at)
+    at.button(key="active_confirm_ok").click()
+    run(at)
+    assert runtime.read_state(single_port) is None and not at.error
 
 
 def test_active_model_can_stop_the_backend_while_the_registry_is_broken(single_port: Settings) -> None:
