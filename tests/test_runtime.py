@@ -234,6 +234,17 @@ def test_a_launch_binary_missing_from_path_leaves_a_failed_state_until_the_next_
     assert rt.state_json() is None and cli("current-model").out.strip() == "no model active"
 
 
+def test_get_active_reports_a_failed_start_with_its_reason_and_log_tail(rt: Runtime, cli) -> None:
+    from api_server import api_server
+
+    rt.registry(demo_entry(A, "test/alpha", backend_config={"launch": ["no-such-vllm-binary", "serve"]}))
+    assert cli("activate-model", A).code == 6
+    with api_server(rt.settings.root, env={"CHAT_PROXY_VLLM_PORT": str(rt.port)}) as base:
+        active = httpx.get(f"{base}/v1/active", timeout=10).json()["active"]
+    assert active["name"] == A and active["status"] == "failed" and "no-such-vllm-binary" in active["error"]
+    assert any("no-such-vllm-binary" in line for line in active["log_tail"])
+
+
 def test_a_preflight_failure_is_recorded_but_never_replaces_a_running_backend(rt: Runtime, cli) -> None:
     rt.registry(demo_entry(A, "test/alpha"), demo_entry(B, "test/beta", download_path="demo/models/missing"))
     assert cli("activate-model", B).code == 7
@@ -318,6 +329,8 @@ def test_stop_from_the_cli_cancels_a_slow_start_within_two_seconds(rt: Runtime, 
             time.sleep(0.05)
         progress = runtime.activation_in_progress(rt.settings)
         assert progress is not None and progress.name == A and progress.phase in ("starting", "waiting")
+        shown = cli("current-model").out
+        assert f"activating {A!r}" in shown and "status:    starting" in shown, shown
         started = time.monotonic()
         stopped = cli("activate-model", "--stop")
         took = time.monotonic() - started

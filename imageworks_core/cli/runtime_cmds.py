@@ -178,11 +178,18 @@ def current_model_cmd(
     root: RootOpt = None,
 ) -> None:
     """Show the active backend: name, endpoint, uptime, status, health and GPU memory (stale state is cleaned)."""
-    status = service_for(root).current(check_health=not no_health)
+    service = service_for(root)
+    status = service.current(check_health=not no_health)
     if as_json:
         echo_json(status.model_dump(mode="json") if status else None)
         return
+    starting = service.activation()
+    if starting is not None:  # before the spawn the state still names the previous backend (or nothing)
+        detail = f": {starting.detail}" if starting.detail else ""
+        typer.echo(f"activating {starting.name!r} ({starting.phase}, {starting.elapsed_s:.0f}s{detail})")
+        typer.echo("cancel with `imageworks-models activate-model --stop`")
     if status is None:
-        typer.echo("no model active")
+        if starting is None:
+            typer.echo("no model active")
         return
     typer.echo("\n".join(_status_lines(status)))
