@@ -1,4 +1,7 @@
-"""Long dashboard actions (verify, lock, activate, stop, probe) as background jobs kept in session state.
+"""Long dashboard actions of one session (verify, lock, probe) as background jobs kept in session state.
+
+Activation is not one of them: it belongs to the root, not to a session (the runtime's background activation,
+seen by every session through the state file; see ``pages/active_model.py``).
 
 A job runs the core function in a thread and records its progress, result or error. The script run that starts
 it waits with a live progress display; a rerun in between (the operator clicked something) finds the job still
