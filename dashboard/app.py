@@ -24,13 +24,13 @@ PAGES = {
     "Models": [
         st.Page(HERE / "pages" / "registry.py", title="Registry", icon=":material/table_view:", default=True),
         st.Page(
-            HERE / "pages" / "active_model.py", title="Active Model", icon=":material/memory:", url_path="active-model"
+            HERE / "pages" / "active_model.py", title="Active Model", icon=":material/memory:", url_path="active_model"
         ),
         st.Page(
             HERE / "pages" / "vision_probe.py",
             title="Vision Probe",
             icon=":material/visibility:",
-            url_path="vision-probe",
+            url_path="vision_probe",
         ),
     ],
     "Settings": [st.Page(HERE / "pages" / "settings.py", title="Settings", icon=":material/settings:")],

@@ -230,8 +230,8 @@ def test_verify_hash_then_lock_version(page, dashboard: Dashboard, tmp_path: Pat
 def test_canonical_vision_probe_shows_vision_ok_in_the_modal(page, dashboard: Dashboard, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    open_page(page, dashboard, "vision-probe", "Vision Probe")
-    page.get_by_text("Activate the model first if it is not the active backend").click()
+    open_page(page, dashboard, "vision_probe", "Vision Probe")
+    page.locator("label").filter(has_text="Activate the model first if it is not the active backend").click()
     settle(page)
     page.get_by_role("button", name="Run probe").click()
     modal = page.get_by_role("dialog")
@@ -249,7 +249,7 @@ def test_active_model_panel_stops_with_confirmation_and_refreshes_by_itself(
     from playwright.sync_api import expect
 
     runtime.activate(dashboard.settings, DEMO_TEXT)
-    open_page(page, dashboard, "active-model", "Active Model")
+    open_page(page, dashboard, "active_model", "Active Model")
     active = page.get_by_test_id("stMetric").filter(has_text="Active model")
     expect(active).to_contain_text(DEMO_TEXT)
     page.get_by_role("button", name="Stop").click()
@@ -388,3 +388,13 @@ def test_reload_registry_after_corruption_shows_the_error_banner(page, dashboard
     page.get_by_role("button", name="Reload registry").click()
     expect(page.get_by_text("Registry reloaded: 6 entries, valid.")).to_be_visible()
     no_exception(page)
+
+
+def test_deep_links_open_their_page_without_a_page_not_found_dialog(page, dashboard: Dashboard) -> None:
+    # Was a bug: /active-model (a url_path unlike the file's name) first showed Streamlit's "Page not found".
+    from playwright.sync_api import expect
+
+    for path, heading in (("active_model", "Active Model"), ("vision_probe", "Vision Probe"), ("settings", "Settings")):
+        open_page(page, dashboard, path, heading)
+        expect(page.get_by_text("Page not found")).to_have_count(0)
+        no_exception(page)
