@@ -71,7 +71,7 @@ def joined(elements: Any) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def until(at: AppTest, done: Any, timeout_s: float = 30.0) -> AppTest:
+def until(at: AppTest, done: Any, timeout_s: float = 60.0) -> AppTest:
     """Rerun the page (as its one-second fragment does) until ``done(at)``."""
     deadline = time.monotonic() + timeout_s
     while not done(run(at)):
@@ -125,7 +125,9 @@ def test_cancel_aborts_mid_file_leaves_no_marker_and_records_the_run(
         cancel = next(b for b in at.button if b.label == "Cancel download")
         cancel.click()
         run(at)
-        assert "cancelling…" in progress_text(at)
+        # Either the bar says so, or the download already met its next chunk and stopped (the rest of the held
+        # file's first half can still be in flight when Cancel is clicked).
+        assert "cancelling…" in progress_text(at) or "cancelled" in joined(at.warning)
     finally:
         release.set()
     until(at, lambda at: "cancelled" in joined(at.warning))
