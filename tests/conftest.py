@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from imageworks_core.settings import Settings, get_settings
@@ -52,6 +54,20 @@ def wait_for_clock_tick_past(path: Path) -> None:
             probe.unlink()
 
     wait_until(ticked, timeout=5, what=f"the clock to leave the ctime tick of {path}", interval=0.001)
+
+
+def wait_for_dashboard(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 90) -> None:
+    """Wait until the Streamlit server at ``url`` answers its health check; fail with its log if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the dashboard exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+        try:
+            if httpx.get(f"{url}/_stcore/health", timeout=1).text == "ok":
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the dashboard did not answer within {timeout_s:g} s"
+        time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -100,3 +116,22 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh HOME: the demo registry's real-model entries (under ~/ai-models) are reliably missing."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def single_port(root: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings with the single port on a free loopback port; whatever runs there is stopped at teardown."""
+    from imageworks_core import runtime
+
+    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
+    monkeypatch.setenv("CHAT_PROXY_VLLM_STOP_TIMEOUT_S", "3")
+    settings = get_settings(root.root)
+    yield settings
+    runtime.stop(settings, reason="test teardown")
+

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, demo_argv, demo_launch, free_port
+from apptest_pages import TIMEOUT_S, joined, open_page, open_tab, run, table, texts, widget
+from conftest import demo_argv, demo_launch, free_port
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit, dashboard_data, gpu, history, runtime
@@ -30,25 +31,17 @@ from imageworks_core.errors import BackendError
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.registry_file import read_registry_text
 from imageworks_core.runtime import background
-from imageworks_core.settings import Settings, get_settings
+from imageworks_core.settings import Settings
 from imageworks_core.units import format_bytes
 from imageworks_core.verification import lock_entry, verify_entry
 
-APP = REPO / "dashboard" / "app.py"
 DEMO = "demo-vision_(CPU)"
 DEMO_TEXT = "demo-text_(CPU)"
 QWEN = "qwen2.5-vl-7b-instruct_(AWQ)"
-TIMEOUT_S = 90
+pytestmark = pytest.mark.usefixtures("fresh_home")
 
 
 # Helpers ------------------------------------------------------------------------------------------------------
-def run(at: AppTest) -> AppTest:
-    """Run and insist the page raised nothing: an error must be an st.error, never an exception."""
-    at.run(timeout=TIMEOUT_S)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def run_until_settled(at: AppTest, settings: Settings) -> AppTest:
     """Run (a confirmed start goes on in the background), wait until the background start has ended, and run
     again, as the page's live panel does by itself each second."""
@@ -58,40 +51,6 @@ def run_until_settled(at: AppTest, settings: Settings) -> AppTest:
         assert time.monotonic() < deadline, "the start never finished"
         time.sleep(0.05)
     return run(at)
-
-
-def open_page(page: str | None = None, tab: str | None = None) -> AppTest:
-    """Open a page (default: Models → Registry), optionally on one of its tabs (as a click on the tab does)."""
-    at = run(AppTest.from_file(str(APP), default_timeout=TIMEOUT_S))
-    if page:
-        at.switch_page(f"pages/{page}.py")
-        run(at)
-    if tab:
-        open_tab(at, "settings_tab" if page == "settings" else "registry_tab", tab)
-    return at
-
-
-def open_tab(at: AppTest, key: str, tab: str) -> AppTest:
-    at.session_state[key] = tab
-    return run(at)
-
-
-def widget(widgets: Any, label: str) -> Any:
-    found = [w for w in widgets if w.label == label]
-    assert found, f"no widget {label!r}; have {[w.label for w in widgets]}"
-    return found[0]
-
-
-def texts(elements: Any) -> list[str]:
-    return [str(e.value) for e in elements]
-
-
-def joined(elements: Any) -> str:
-    return "\n".join(texts(elements))
-
-
-def table(at: AppTest, index: int = 0) -> Any:
-    return at.dataframe[index].value
 
 
 def entry_text(settings: Settings, name: str) -> str:
@@ -114,22 +73,6 @@ def other_entries_text(settings: Settings, name: str) -> list[str]:
 def select_entry(at: AppTest, name: str) -> AppTest:
     widget(at.selectbox, "Entry").set_value(name)
     return run(at)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The demo registry's real-model entries live under ~/ai-models: a fresh HOME makes them reliably missing.
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def single_port(root: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    """Settings with the single port on a free loopback port; whatever runs there is stopped at teardown."""
-    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
-    monkeypatch.setenv("CHAT_PROXY_VLLM_STOP_TIMEOUT_S", "3")
-    settings = get_settings(root.root)
-    yield settings
-    runtime.stop(settings, reason="test teardown")
 
 
 @pytest.fixture

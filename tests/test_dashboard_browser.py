@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-from conftest import REPO, free_port, require, seed_root
+from conftest import REPO, free_port, require, seed_root, wait_for_dashboard
 
 from imageworks_core import runtime
 from imageworks_core.dashboard_launcher import streamlit_argv
@@ -97,18 +96,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"streamlit exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/_stcore/health", timeout=1).text == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"streamlit did not answer within {STARTUP_TIMEOUT_S} s")
-            time.sleep(0.2)
+        wait_for_dashboard(url, proc, log, STARTUP_TIMEOUT_S)
         yield Dashboard(url, settings, log, proc)
     finally:
         runtime.stop(settings, reason="browser test teardown")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from apptest_pages import APP, TIMEOUT_S, joined, run
 from hub_server import FakeRepo, HubServer, safetensors_bytes
 from streamlit.testing.v1 import AppTest
 
@@ -22,8 +22,6 @@ from imageworks_core import dashboard_data, download, history
 from imageworks_core.download import MARKER_PATH
 from imageworks_core.settings import Settings
 
-APP = REPO / "dashboard" / "app.py"
-TIMEOUT_S = 90
 REPO_ID = "acme/tiny-vlm"
 WEIGHTS = "model.safetensors"
 
@@ -55,20 +53,10 @@ def hub(repo: FakeRepo, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
         yield server
 
 
-def run(at: AppTest) -> AppTest:
-    at.run(timeout=TIMEOUT_S)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def import_tab() -> AppTest:
     at = run(AppTest.from_file(str(APP), default_timeout=TIMEOUT_S))
     at.session_state["registry_tab"] = "Import from Download History"
     return run(at)
-
-
-def joined(elements: Any) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def until(at: AppTest, done: Any, timeout_s: float = 60.0) -> AppTest:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from apptest_pages import APP, TIMEOUT_S, joined, run
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import dashboard_data, history
@@ -21,20 +20,8 @@ from imageworks_core.errors import UsageError
 from imageworks_core.registry import load_registry
 from imageworks_core.settings import Settings
 
-APP = REPO / "dashboard" / "app.py"
 DEMO = "demo-vision_(CPU)"
-TIMEOUT_S = 90
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def run(at: AppTest) -> AppTest:
-    at.run(timeout=TIMEOUT_S)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+pytestmark = pytest.mark.usefixtures("fresh_home")
 
 
 def open_entry(name: str) -> AppTest:
@@ -46,10 +33,6 @@ def open_entry(name: str) -> AppTest:
 def curated(settings: Settings) -> dict[str, dict[str, Any]]:
     """The curated file's raw entries by name."""
     return {e["name"]: e for e in json.loads(settings.curated_path.read_text(encoding="utf-8"))}
-
-
-def joined(elements: Any) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def curated_diff(at: AppTest) -> str:

@@ -8,67 +8,23 @@ Test connection hints.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, free_port
+from apptest_pages import joined, open_page, run, widget
+from conftest import free_port
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit, dashboard_data, runtime
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.settings import Settings, get_settings
 
-APP = REPO / "dashboard" / "app.py"
 DEMO = "demo-vision_(CPU)"
 DEMO_TEXT = "demo-text_(CPU)"
 REMOTE = "gpt-4o-mini_(remote)"
-TIMEOUT_S = 90
+pytestmark = pytest.mark.usefixtures("fresh_home")
 
 
-def run(at: AppTest) -> AppTest:
-    """Run and insist the page raised nothing: an error must be an st.error, never an exception."""
-    at.run(timeout=TIMEOUT_S)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def open_page(page: str | None = None, tab: str | None = None) -> AppTest:
-    at = run(AppTest.from_file(str(APP), default_timeout=TIMEOUT_S))
-    if page:
-        at.switch_page(f"pages/{page}.py")
-        run(at)
-    if tab:
-        at.session_state["settings_tab" if page == "settings" else "registry_tab"] = tab
-        run(at)
-    return at
-
-
-def widget(widgets: Any, label: str | re.Pattern[str]) -> Any:
-    found = [w for w in widgets if (label.search(w.label) if isinstance(label, re.Pattern) else w.label == label)]
-    assert found, f"no widget {label!r}; have {[w.label for w in widgets]}"
-    return found[0]
-
-
-def joined(elements: Any) -> str:
-    return "\n".join(str(e.value) for e in elements)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The demo registry's real-model entries live under ~/ai-models: a fresh HOME makes them reliably missing.
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def single_port(root: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    """Settings with the single port on a free loopback port; whatever runs there is stopped at teardown."""
-    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
-    monkeypatch.setenv("CHAT_PROXY_VLLM_STOP_TIMEOUT_S", "3")
-    settings = get_settings(root.root)
-    yield settings
-    runtime.stop(settings, reason="test teardown")
 
 
 # Item 13: an invalid registry at dashboard start --------------------------------------------------------------

@@ -14,14 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import httpx
 import pytest
-from conftest import REPO, free_port, require
+from conftest import REPO, free_port, require, wait_for_dashboard
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit
@@ -107,16 +106,7 @@ def make_run(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{url}/_stcore/health", timeout=1).text == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the dashboard did not answer within {STARTUP_TIMEOUT_S} s"
-            time.sleep(0.2)
+        wait_for_dashboard(url, proc, log, STARTUP_TIMEOUT_S)
         yield url, root, log
     finally:
         try:

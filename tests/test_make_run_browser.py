@@ -13,12 +13,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import REPO, free_port, require
+from conftest import REPO, free_port, require, wait_for_dashboard
 from test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, DEMO, _stop_group
 
 pytestmark = pytest.mark.browser
@@ -46,16 +44,7 @@ def test_a_gui_session_after_make_run_leaves_a_fresh_checkout_clean(tmp_path: Pa
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (tmp_path / "make-run.log").read_text(errors="replace")
-            try:
-                if httpx.get(f"{url}/_stcore/health", timeout=1).text == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the dashboard did not answer within 90 s"
-            time.sleep(0.2)
+        wait_for_dashboard(url, server, tmp_path / "make-run.log")
         expect.set_options(timeout=60_000)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
