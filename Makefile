@@ -4,7 +4,9 @@
 # is the lane to run while editing: every module's tests except those marked browser (headless Chromium), e2e (the
 # real inference backend) and slow (crash sweeps, SIGKILL loops, memory ceilings), spread over one pytest-xdist
 # worker per core.
-# Both bootstrap uv (python3 -m pip install uv) when it is missing.
+# Both bootstrap uv (python3 -m pip install uv) when it is missing, and install the optional `fleet` extra (Ray):
+# the fleet tests (marker fleet, real multi-node Ray clusters on loopback) run in make test and never skip in CI;
+# make test-fast leaves them out (several Ray clusters beside xdist workers on 2 cores is too much).
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PORT ?= 8501
@@ -13,7 +15,7 @@ PORT ?= 8501
 
 bootstrap:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --quiet --extra fleet
 
 run: bootstrap
 	$(UV) run --frozen python scripts/demo_root.py --port $(PORT)
@@ -22,7 +24,7 @@ test: bootstrap
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 test-fast: bootstrap
-	$(UV) run --frozen pytest -q -n auto -m "not browser and not e2e and not slow" $(PYTEST_ARGS)
+	$(UV) run --frozen pytest -q -n auto -m "not browser and not e2e and not slow and not fleet" $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(UV) run --frozen ruff check .
