@@ -42,7 +42,7 @@ from .download import (
     read_marker,
     resolve_location,
 )
-from .errors import RegistryError, UsageError, WeightsError
+from .errors import DownloadCancelled, RegistryError, UsageError, WeightsError
 from .formats import FormatInfo, ScanResult, scan_directory
 from .registry import Registry, edit_layer, load_registry
 from .registry_file import read_registry_text, splice
@@ -415,7 +415,9 @@ def download_and_register(
 
     A failed or interrupted download is recorded with status ``failed`` and the error as detail, writes no
     discovered entry, and re-raises (BackendError: Hub unreachable/offline; WeightsError: checksum or disk;
-    UsageError: bad arguments). Argument errors found before any transfer (repo id, location) are not recorded.
+    UsageError: bad arguments). One the operator cancelled (the ``progress`` callback raised
+    :class:`~imageworks_core.errors.DownloadCancelled`) is recorded the same way with status ``cancelled``.
+    Argument errors found before any transfer (repo id, location) are not recorded.
     """
     target = resolve_location(location, repo_id, settings)
     label = location_label(settings, location, target)
@@ -430,10 +432,11 @@ def download_and_register(
         result = download_repo(repo_id, target, settings=settings, **options)
     except BaseException as exc:
         detail = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        status = "cancelled" if isinstance(exc, DownloadCancelled) else "failed"
         # The original error matters more than a history DB that cannot be written.
         with contextlib.suppress(sqlite3.Error, OSError):
-            history.record_download(settings, **row, status="failed", detail=detail, actor=actor)
-            audit.log_event(settings, "download", repo_id=repo_id, status="failed", path=str(target), error=detail)
+            history.record_download(settings, **row, status=status, detail=detail, actor=actor)
+            audit.log_event(settings, "download", repo_id=repo_id, status=status, path=str(target), error=detail)
         raise
     row.update(
         commit_sha=result.commit_sha,

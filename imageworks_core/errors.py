@@ -4,7 +4,7 @@ Every error carries a one-line, operator-facing message that names the file, fie
 the fix. Each class's ``exit_code`` is the CLI's contract (the ``EXIT_*`` table below, documented in the
 README); :data:`STATUS_FOR` is the HTTP API's. Every error the core raises on purpose is defined here; other
 modules may re-export one under its old name (``gpu.GpuUnavailable``, ``runtime.ActivationError``,
-``proxy.SwitchInProgress``).
+``runtime.ActivationCancelled``, ``proxy.SwitchInProgress``, ``dashboard_data.DownloadCancelled``).
 """
 
 from __future__ import annotations
@@ -144,6 +144,11 @@ class ActivationError(BackendError):
         self.log_tail = log_tail
 
 
+class ActivationCancelled(BackendError):
+    """A start was cancelled (``activate-model --stop``, the dashboard's Cancel) before it became ready; what it
+    had started is stopped and history records ``cancelled``."""
+
+
 class SwitchInProgress(BackendError):
     """Another model is being activated on the single port; retry after ``RETRY_AFTER_S``."""
 
@@ -166,6 +171,11 @@ class WeightsError(ImageWorksError):
     """Weights are missing, unreadable, empty, or escape their directory."""
 
     exit_code = EXIT_WEIGHTS
+
+
+class DownloadCancelled(ImageWorksError):
+    """The operator cancelled a download (partial bytes kept for a resume, no marker written); the download
+    history records it as ``cancelled``, not ``failed``."""
 
 
 class UnknownRevisionError(UnknownModelError):

@@ -2,7 +2,7 @@
 
 AppTest drives the Import tab against the local fake Hub (``hub_server``; HF_ENDPOINT points at it): the files
 land, the run appears in Download History and the discovered entry is offered for import; a Cancel aborts the
-download mid-file, leaves no download marker and records the run as failed with the reason.
+download mid-file, leaves no download marker and records the run as cancelled (not failed) with the reason.
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def test_cancel_aborts_mid_file_leaves_no_marker_and_records_the_run(
     target = location / "acme" / "tiny-vlm"
     assert not (target / MARKER_PATH).exists()
     rows = history.list_downloads(root)
-    assert [(r["status"], r["repo_id"]) for r in rows] == [("failed", REPO_ID)]
+    assert [(r["status"], r["repo_id"]) for r in rows] == [("cancelled", REPO_ID)]
     assert "cancelled by the operator" in rows[0]["detail"]
-    assert list(history_table(at)["status"]) == ["failed"]
+    assert list(history_table(at)["status"]) == ["cancelled"]
     assert not root.discovered_path.exists() or "tiny-vlm" not in root.discovered_path.read_text(encoding="utf-8")
 
 
@@ -182,3 +182,32 @@ def test_tracker_gives_bytes_files_rate_and_eta_and_cancel_raises() -> None:
         tracker({"event": "bytes", "path": "w", "file_done": 0, "file_size": 1, "done": 0, "total": 1})
     assert tracker.snapshot().text.startswith("cancelling… ")
     assert [dashboard_data.eta_text(s) for s in (None, 5, 125, 3725)] == ["?", "5 s", "2 min 05 s", "1 h 02 min"]
+
+
+def test_a_cancelled_download_is_recorded_cancelled_and_any_other_abort_failed(
+    hub: HubServer, root: Settings, tmp_path: Path
+) -> None:
+    """The core records the outcome: the operator's Cancel is ``cancelled`` (history row and audit line), a
+    download that broke for another reason stays ``failed``; neither writes a discovered entry."""
+    from imageworks_core.discovery import download_and_register
+    from imageworks_core.errors import DownloadCancelled
+
+    tracker = dashboard_data.DownloadTracker()
+    tracker.cancel()
+    with pytest.raises(DownloadCancelled):
+        download_and_register(root, REPO_ID, location=str(tmp_path / "w1"), progress=tracker)
+
+    def broken(event: dict[str, Any]) -> None:
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError):
+        download_and_register(root, REPO_ID, location=str(tmp_path / "w2"), progress=broken)
+    rows = history.list_downloads(root)
+    assert [(r["status"], r["detail"]) for r in reversed(rows)] == [
+        ("cancelled", "download cancelled by the operator; partial bytes kept for a resume"),
+        ("failed", "disk went away"),
+    ]
+    audit = [json.loads(line) for line in root.audit_log_path.read_text(encoding="utf-8").splitlines()]
+    assert [a["status"] for a in audit if a["event"] == "download"] == ["cancelled", "failed"]
+    assert not root.discovered_path.exists() or "tiny-vlm" not in root.discovered_path.read_text(encoding="utf-8")
+    assert dashboard_data.DownloadCancelled is DownloadCancelled, "one class, re-exported for the pages"

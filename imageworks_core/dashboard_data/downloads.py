@@ -3,7 +3,8 @@
 A :class:`DownloadTracker` is the ``progress`` callback handed to :meth:`ImageWorks.download`; it keeps the
 figures a progress bar shows and raises :class:`DownloadCancelled` at the next event once cancelled, which
 aborts the run the way the downloader promises: no marker written, partial bytes kept for a resume, the run
-recorded as failed in the download history with the reason.
+recorded as ``cancelled`` in the download history with the reason (:func:`imageworks_core.discovery.download_and_register`
+tells a cancel from a failure; the error lives in :mod:`imageworks_core.errors`).
 
 Adversaries: the download runs in a worker thread while the page's script reads the tracker and a click on
 Cancel sets its flag from another thread; every figure is read and written under one lock, and a Cancel that
@@ -19,13 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..discovery import list_download_rows
-from ..errors import ImageWorksError
+from ..errors import DownloadCancelled
 from ..settings import Settings
 from ..units import format_bytes
-
-
-class DownloadCancelled(ImageWorksError):
-    """The operator cancelled a download (partial bytes kept for a resume; no marker written)."""
 
 
 @dataclass(frozen=True)

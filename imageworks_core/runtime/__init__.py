@@ -25,8 +25,8 @@ Every activation, stop and failure is an audit-log line and a history row.
 
 from __future__ import annotations
 
-from ..errors import ActivationError
-from .activate import ActivationCancelled, Phase, ProgressCallback, StopResult, activate, stop
+from ..errors import ActivationCancelled, ActivationError
+from .activate import Phase, ProgressCallback, StopResult, activate, stop
 from .gpu_fit import check_gpu_fit
 from .inflight import ActivationProgress
 from .inflight import read_progress as activation_in_progress

@@ -31,7 +31,7 @@ import psutil
 
 from .. import history
 from ..audit import current_actor, log_event
-from ..errors import ActivationError, BackendError, ImageWorksError, LockViolationError
+from ..errors import ActivationCancelled, ActivationError, BackendError, ImageWorksError, LockViolationError
 from ..launch import expand_launch
 from ..registry import Registry, load_registry
 from ..schema import ModelEntry
@@ -67,10 +67,6 @@ class StopResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-class ActivationCancelled(BackendError):
-    """The start was cancelled (``activate-model --stop``, the dashboard's Cancel): exit 6."""
 
 
 PROGRESS_WRITE_S = 0.5
