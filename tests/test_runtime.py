@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import e2e_backend
@@ -346,6 +347,58 @@ def test_stop_from_the_cli_cancels_a_slow_start_within_two_seconds(rt: Runtime, 
             activator.kill()
     row = history.list_activations(rt.settings)[0]
     assert (row["name"], row["action"], row["result"]) == (A, "activate", "cancelled")
+    assert read_events(rt.settings, "activation_cancelled")[0]["name"] == A
+    assert cli("current-model").out.strip() == "no model active"
+
+
+BIG_SPARSE_BYTES = 32 * 2**30
+"""A sparse weights file this large takes the fast check many seconds to re-hash (about 1.6 GB/s per core)."""
+
+
+def test_stop_cancels_a_start_during_the_fast_verification_of_a_big_locked_entry(
+    rt: Runtime, cli, tmp_path: Path
+) -> None:
+    """The start is recorded (phase ``verify``) and cancellable before any process exists: a stop during the lock
+    check aborts the re-hash at its next progress report, nothing is started, history says ``cancelled``."""
+    from imageworks_core.verification import lock_entry
+
+    weights = tmp_path / "big-weights"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"architectures": ["Demo"]}\n', encoding="utf-8")
+    (weights / "model.safetensors").write_bytes(b"small at lock time")
+    rt.registry(demo_entry(A, "test/alpha", download_path=str(weights)))
+    lock_entry(rt.settings, A, set_expected=True)
+    # Grown in place (sparse, no disk used): its size changed, so the fast check must re-read all of it.
+    os.truncate(weights / "model.safetensors", BIG_SPARSE_BYTES)
+    verifications_before = len(history.list_verifications(rt.settings, A))
+    activator = subprocess.Popen(
+        [sys.executable, "-m", "imageworks_core.cli", "activate-model", A],
+        env=rt.cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (progress := runtime.activation_in_progress(rt.settings)) is None or progress.phase != "verify":
+            assert time.monotonic() < deadline and activator.poll() is None, activator.stderr
+            time.sleep(0.02)
+        assert progress.name == A and rt.state_json() is None, "recorded before anything is spawned"
+        shown = cli("current-model").out
+        assert f"activating {A!r} (verify" in shown, shown
+        stopped = cli("activate-model", "--stop")
+        assert stopped.code == 0, stopped.err
+        assert f"cancelled the start of {A!r}" in stopped.out
+        _out, err = activator.communicate(timeout=30)
+        assert activator.returncode == 6 and f"the start of {A!r} was cancelled" in err, err
+    finally:
+        if activator.poll() is None:
+            activator.kill()
+    assert rt.processes() == [] and rt.state_json() is None
+    assert runtime.activation_in_progress(rt.settings) is None
+    rows = history.list_activations(rt.settings, A)
+    assert [(r["action"], r["result"]) for r in rows] == [("activate", "cancelled")], "no refusal, no start"
+    assert len(history.list_verifications(rt.settings, A)) == verifications_before, "the re-hash never finished"
     assert read_events(rt.settings, "activation_cancelled")[0]["name"] == A
     assert cli("current-model").out.strip() == "no model active"
 
@@ -741,7 +794,7 @@ def test_locked_entry_refusal_uses_the_verifier_answer(rt: Runtime, monkeypatch:
         bytes_read=0,
         duration_s=0.0,
     )
-    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, fast=False, registry=None: drift)
+    monkeypatch.setattr(verification, "verify_entry", lambda settings, name, **_options: drift)
     entry = demo_entry(A, "test/alpha", version_lock={"locked": True, "expected_aggregate_sha256": "bb" * 32})
     rt.registry(entry)
     with pytest.raises(LockViolationError) as caught:

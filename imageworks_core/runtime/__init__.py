@@ -12,7 +12,7 @@ module, each stating the promises it keeps and against whom:
 - :mod:`.gpu_fit`: does the next backend fit in GPU memory, has the stopped one released its memory.
 - :mod:`.lock`: the activation lock, so activations and stops never interleave (bounded wait, holder named).
 - :mod:`.inflight`: the activation in progress as every process sees it (phase, elapsed) and the cancel request
-  by which a stop aborts a start within one health poll.
+  by which a stop aborts a start in any phase: within one health poll, or one progress report of the lock check.
 - :mod:`.activate`: activation (preflight, lock verification, GPU fit, stop, start, abort) and stop; crash
   safety (the launch is recorded before the spawn) and the unreadable-state rule.
 - :mod:`.status`: :func:`current` and :func:`is_serving`, read-only towards processes (they never signal).

@@ -1,7 +1,9 @@
 """Activation and stop: preflight, the lock check, GPU fit, the activation lock, start, abort, stop.
 
 One GPU, one port: activating an entry stops whatever of ours serves on the port and starts the entry's
-backend there. Each activation and stop holds the activation lock (:mod:`.lock`), so they never interleave.
+backend there. Each activation and stop holds the activation lock (:mod:`.lock`), so they never interleave; an
+activation takes it before its preflight and publishes its progress at once, so a stop can cancel it in every
+phase, the lock check's hashing included (:mod:`.inflight`).
 
 - Crash safety: the launch (launch id, status ``starting``, pid 0) is recorded *before* the spawn and rewritten
   with the pid and create time right after it, so an activator killed at any point leaves a record by which
@@ -36,10 +38,11 @@ from ..launch import expand_launch
 from ..registry import Registry, load_registry
 from ..schema import ModelEntry
 from ..settings import Settings
+from ..units import format_bytes
 from ..upstream import endpoint_for, single_port_endpoint
 from . import inflight, process, readiness
 from .gpu_fit import check_gpu_fit, wait_gpu_release
-from .lock import activation_lock, lock_wait, try_lock
+from .lock import activation_lock, lock_wait
 from .logs import LOG_TAIL_LINES, backend_log_path, open_log, tail
 from .process import identify, processes_of, terminate
 from .readiness import check_ready, health_client, health_path, port_holder, server_root
@@ -75,7 +78,8 @@ PROGRESS_WRITE_S = 0.5
 
 class _Progress:
     """Reports the phases to the caller and, once the activation holds the lock, to every other process (the
-    progress record); checks for a cancel request at every call, so a cancel is seen within one health poll."""
+    progress record); checks for a cancel request at every call, so a cancel is seen within one health poll or
+    one progress report of the lock check's hashing (every 64 MiB read, or 0.1 s of small files)."""
 
     def __init__(self, settings: Settings, name: str, callback: ProgressCallback | None) -> None:
         self.settings = settings
@@ -93,7 +97,9 @@ class _Progress:
         self.holding = False  # set while the activation lock is held: only then is the record ours to write
         self.written = 0.0
 
-    def __call__(self, phase: Phase, detail: str = "") -> None:
+    def __call__(self, phase: Phase, detail: str = "", *, notify: bool = True) -> None:
+        """Report ``phase``; ``notify=False`` for a repeat the caller's callback need not see (the hashing's
+        byte counts, which the progress record still shows)."""
         if self.holding:
             if phase not in ("ready", "failed"):  # those report an outcome already decided
                 self._raise_if_cancelled()
@@ -103,7 +109,7 @@ class _Progress:
                 self.record = self.record.model_copy(update=update)
                 inflight.write_progress(self.settings, self.record)
                 self.written = now
-        if self.callback is not None:
+        if self.callback is not None and notify:
             self.callback(phase, time.monotonic() - self.started, detail)
 
     def _raise_if_cancelled(self) -> None:
@@ -141,11 +147,18 @@ def activate(
     ``registry`` is the registry to take the entry from (a long-running server passes its last good one);
     by default the files on disk are loaded.
 
-    Preflight (process backend, launch argv, weights present, lock verification, GPU fit), then under the
-    activation lock: stop the current backend, check the port is free, start, wait until ready. On failure the
-    process group is stopped, the state says ``failed`` and an :class:`ActivationError` (exit 6) carries the
-    log tail. ``on_progress(phase, elapsed_s, detail)`` is called as phases change and on every health poll.
+    Under the activation lock, published as the activation in progress (:mod:`.inflight`) from the start so a
+    stop can cancel it in any phase: preflight (launch argv, weights present), lock verification, GPU fit, stop
+    the current backend, check the port is free, start, wait until ready. On failure the process group is
+    stopped, the state says ``failed`` and an :class:`ActivationError` (exit 6) carries the log tail. A cancel
+    raises :class:`ActivationCancelled` (exit 6) after stopping what was started, with ``cancelled`` in history.
+    ``on_progress(phase, elapsed_s, detail)`` is called as phases change and on every health poll.
     Activating the entry that is already ready and healthy (same argv) returns its state untouched.
+
+    Only the entry lookup (an unknown name, a backend we do not start) happens before the lock: those answer at
+    once, even while another activation runs. A waiter's bounded wait (:func:`.lock.lock_wait`) covers the
+    holder's stop and start; a holder's lock check that re-hashes a large entry from scratch can outlast it, and
+    the waiter then names the holder.
     """
     progress = _Progress(settings, name, on_progress)
     progress("preflight", f"checking {name!r}")
@@ -156,14 +169,6 @@ def activate(
             f"{entry.name!r} uses backend {entry.backend!r}, which ImageWorks does not start: there is nothing to "
             f"activate; requests go to {where}"
         )
-    try:
-        argv = expand_launch(entry, settings, require_weights=True)
-    except ImageWorksError as exc:
-        _fail(settings, entry, f"preflight: {exc.message}")
-        _leave_failed(settings, entry, f"preflight: {exc.message}")
-        raise
-    _check_lock(settings, entry, force, progress, registry)  # a refusal is no failed start: no state recorded
-
     start_timeout = start_timeout_for(settings, entry, timeout_s)
     progress("lock", "waiting for the activation lock")
     with (
@@ -171,6 +176,14 @@ def activate(
         progress.locked(),
     ):
         try:
+            progress("preflight", "launch argv and weights")
+            try:
+                argv = expand_launch(entry, settings, require_weights=True)
+            except ImageWorksError as exc:
+                _fail(settings, entry, f"preflight: {exc.message}")
+                _leave_failed(settings, entry, f"preflight: {exc.message}")
+                raise
+            _check_lock(settings, entry, force, progress, registry)  # a refusal is no failed start: no state
             return _activate_locked(settings, entry, argv, start_timeout, progress)
         except ActivationCancelled as exc:
             _cancelled(settings, entry, exc.message)
@@ -237,13 +250,24 @@ def start_timeout_for(settings: Settings, entry: ModelEntry | None, timeout_s: f
 def _check_lock(
     settings: Settings, entry: ModelEntry, force: bool, progress: _Progress, registry: Registry | None = None
 ) -> None:
-    """A locked entry must pass a fast verification; drift refuses (exit 2) unless forced (then audited)."""
+    """A locked entry must pass a fast verification; drift refuses (exit 2) unless forced (then audited).
+
+    The hashing reports its progress here: the record shows the bytes re-hashed, and a cancel request aborts the
+    verification at its next report (:class:`ActivationCancelled` out of the hashing engine, nothing recorded).
+    """
     if not entry.locked:
         return
     progress("verify", "fast verification of the locked weights")
     from .. import verification  # imported here: verification imports the registry, not us
 
-    result = verification.verify_entry(settings, entry.name, fast=True, registry=registry)
+    def hashed(bytes_done: int, bytes_total: int, files_done: int, files_total: int, _path: str) -> None:
+        detail = (
+            f"fast verification: re-hashed {format_bytes(bytes_done)} of {format_bytes(bytes_total)} "
+            f"({files_done}/{files_total} changed files)"
+        )
+        progress("verify", detail, notify=False)
+
+    result = verification.verify_entry(settings, entry.name, fast=True, progress=hashed, registry=registry)
     if result.result in ("ok", "unlocked"):
         return
     detail = result.result
@@ -301,21 +325,15 @@ def _new_state(
 def _leave_failed(settings: Settings, entry: ModelEntry, reason: str) -> None:
     """Record a start that failed in preflight (missing weights, a bad launch template) as a ``failed`` state,
     saying why, until the next start or stop; unless the state describes a backend of ours that still runs (that
-    record must not be lost) or another activation holds the lock (the state is its to write).
+    record must not be lost). The caller holds the activation lock.
 
     Refusals (a lock violation, the GPU fit, a stranger on the port) change nothing on the port and leave the
     state as it was; their audit line and history row say why.
     """
-    lock = try_lock(settings)
-    if lock is None:
+    current, problem = read_state_lenient(settings)
+    if problem or (current is not None and current.status != "failed"):
         return
-    try:
-        current, problem = read_state_lenient(settings)
-        if problem or (current is not None and current.status != "failed"):
-            return
-        write_state(settings, _new_state(settings, entry, [], "failed", error=reason))
-    finally:
-        lock.release()
+    write_state(settings, _new_state(settings, entry, [], "failed", error=reason))
 
 
 def _history_row(settings: Settings, name: str, action: str, result: str, detail: str | None, **columns: Any) -> None:

@@ -3,11 +3,13 @@
 Both are files under ``_staging`` so every process sees them (the dashboard's sessions, the API, the CLI):
 
 - ``activation.json`` (an :class:`ActivationProgress`, written atomically by the activator while it holds the
-  activation lock): which entry, phase, detail, since when. It is believed only while the activation lock is
-  held: an activator that crashed leaves a file that :func:`read_progress` ignores (the kernel released its lock).
+  activation lock, which it takes before its preflight and lock check): which entry, phase, detail, since when.
+  It is believed only while the activation lock is held: an activator that crashed leaves a file that
+  :func:`read_progress` ignores (the kernel released its lock).
 - ``activation.cancel``: written by :func:`request_cancel` (``activate-model --stop``, the page's Cancel). The
-  activator checks it on every phase change and health poll (at most :data:`~.readiness.READY_POLL_MAX_S`
-  apart), then stops the process group it started, records ``cancelled`` and releases the lock. A request older
+  activator checks it on every phase change, every progress report of its lock check's hashing (each 64 MiB
+  read) and every health poll (at most :data:`~.readiness.READY_POLL_MAX_S` apart), then stops the process
+  group it started, if any, records ``cancelled`` and releases the lock. A request older
   than the activation it would cancel is ignored, so a stale file (its writer crashed) never cancels a later
   start; the requester removes it when done.
 
@@ -30,7 +32,8 @@ from .lock import try_lock
 
 
 class ActivationProgress(BaseModel):
-    """What the activation holding the lock is doing now."""
+    """What the activation holding the lock is doing now (``current-model``, ``GET /v1/active``'s ``starting``,
+    the Active Model page)."""
 
     name: str
     phase: str
