@@ -11,7 +11,8 @@ An entry serialises every field of the old dataclass, empty ones included::
     backend_config {port, model_path, extra_args, host, base_url},
     capabilities {text, vision, vl, multimodal, mm, image, function_calling, tool_use, embedding, thinking, ...}
         (dozens of alias keys; any true alias means the capability),
-    roles, role_priority ({role: score}, higher wins), served_model_id (may be null or the string "None"),
+    roles, role_priority ({role: score}, higher wins, a missing role scores 0), served_model_id (may be null or
+        the string "None"),
     model_aliases, generation_defaults, chat_template {source: embedded|external|none, path, sha256},
     version_lock {locked, expected_aggregate_sha256, last_verified}, artifacts {aggregate_sha256, files},
     probes {vision: {vision_ok, timestamp, ...}}, performance, metadata {...}, profiles_placeholder,
@@ -29,17 +30,26 @@ How an entry is converted
   role_priority, capabilities, backend_config, generation_defaults, chat_template, profiles, testing,
   deprecated, notes, hash_ignore, vision_target_long_edge. Machine facts go to the discovered file:
   download_path, download_format, download_location, download_size_bytes, download_files, downloaded_at,
-  quantization, source.
-* Aliases are normalised (backend and capability names); invalid logical names (``/``, whitespace) become valid
-  ones and the old name is kept as a model alias; a null served id is omitted (the name is served instead).
+  quantization, source, license, family, metadata.
+* ``role_priority`` keeps its shape: a ``{role: score}`` mapping stays a mapping, so selection by role ranks
+  exactly as the legacy loader did (``role_priority.get(role, 0)``, higher wins).
+* Logical names and aliases are kept as they are (only surrounding whitespace goes, as the legacy loader did);
+  a name that is invalid here (``/``, whitespace) becomes a valid one and the old name is kept as a model alias;
+  a null served id is omitted (the name is served instead). Backend and capability aliases are normalised.
 * ``backend_config.model_path`` becomes ``download_path`` when there is none; a per-entry port or host of a
   process backend (vllm, lmdeploy) is dropped because they run on the single port.
-* Nothing that cannot be trusted is carried over: a legacy lock's expected hash uses another aggregate format,
-  so the lock is not kept and the report tells the operator to verify and lock again. Artifacts, probes,
-  performance, metadata and keys we do not know are dropped.
+* ``metadata`` (README and licence hashes, producer, model type, library, ...) is kept exactly, and every legacy
+  field without a field of its own here (``backend_alternatives``, custom keys) is kept in it under its own
+  key. It is shown, never used for decisions.
+* An entry the legacy loader treated as a test model (its name convention, ``metadata.testing``) is imported
+  with ``testing: true`` (see :func:`legacy_testing_reason`).
+* Only what truly cannot carry over is dropped, each with its replacement: a legacy lock's expected hash uses
+  another aggregate format, so the lock is not kept and the report tells the operator to verify and lock
+  again; artifact hashes, the directory checksum, probe results, latency statistics and access times are
+  runtime state that verify, probe-vision and the history DB replace.
 * Empty legacy values (null, "", [], {} and all-empty objects) and values equal to our schema's default carry
-  no information and are left out silently; everything else that is changed or dropped is reported, per entry,
-  with the old and the new value.
+  no information and are left out silently; everything else that is changed, moved or dropped is reported, per
+  entry, with the old and the new value.
 
 The converted pair is validated with the real merge (:func:`registry.build_registry`) before anything is written.
 Existing registry files are never replaced without ``force``; with it, their previous content is kept as
@@ -139,6 +149,55 @@ _CAPABILITY_ALIASES: dict[str, tuple[str, ...]] = {
     "audio": ("audio", "speech", "voice", "asr", "tts"),
 }
 _CAPABILITY_OF: dict[str, str] = {alias: cap for cap, aliases in _CAPABILITY_ALIASES.items() for alias in aliases}
+LEGACY_CAPABILITY_ALIASES: dict[str, tuple[str, ...]] = _CAPABILITY_ALIASES
+"""Every legacy capability key (underscore spelling) by our capability name: the one table the importer and the
+``imageworks.model_loader`` compatibility layer translate with."""
+
+
+def capability_for(key: str) -> str | None:
+    """Our capability for a legacy capability key, any case or spelling (``VL`` -> vision, ``tool-use`` -> tools,
+    ``embedding`` -> embeddings, ``thinking`` -> reasoning); None when it names none."""
+    return _CAPABILITY_OF.get(key.strip().lower().replace("-", "_").replace(" ", "_"))
+
+
+# The legacy loader's test-model convention (its ``testing_filters``): a name starting with one of the prefixes,
+# containing the mark, or equal to a stem or a stem followed by "-"; or ``metadata.testing`` true; or a match of
+# one of the regular expressions in IMAGEWORKS_TEST_MODEL_PATTERNS (comma-separated, anchored at the name's start).
+_LEGACY_TEST_PREFIXES = ("testmodel", "mini-test", "custom-family")
+_LEGACY_TEST_STEMS = ("model-awq", "model-fp16", "demo-model", "r")
+_LEGACY_TEST_MARK = "testzzz"
+
+
+def extra_test_name_patterns(settings: Settings) -> list[re.Pattern[str]]:
+    """The extra test-model name patterns of IMAGEWORKS_TEST_MODEL_PATTERNS (UsageError naming a bad one)."""
+    patterns = []
+    for text in (part.strip() for part in settings.test_model_patterns.split(",")):
+        if not text:
+            continue
+        try:
+            patterns.append(re.compile(text))
+        except re.error as exc:
+            raise UsageError(
+                f"IMAGEWORKS_TEST_MODEL_PATTERNS: {text!r} is not a regular expression ({exc}); fix or unset it"
+            ) from exc
+    return patterns
+
+
+def legacy_testing_reason(name: str, metadata: Any, settings: Settings) -> str | None:
+    """Why the legacy loader treated ``name`` as a test model (None when it did not); see the convention above."""
+    stripped = name.strip()
+    if (
+        stripped.startswith(_LEGACY_TEST_PREFIXES)
+        or _LEGACY_TEST_MARK in stripped
+        or any(stripped == stem or stripped.startswith(stem + "-") for stem in _LEGACY_TEST_STEMS)
+    ):
+        return "the legacy loader treats names like this as test models"
+    for pattern in extra_test_name_patterns(settings):
+        if pattern.match(stripped):
+            return f"the name matches IMAGEWORKS_TEST_MODEL_PATTERNS {pattern.pattern!r}"
+    if isinstance(metadata, dict) and metadata.get("testing") is True:
+        return "legacy metadata.testing is true"
+    return None
 
 _PASSTHROUGH = frozenset(
     {
@@ -154,6 +213,8 @@ _PASSTHROUGH = frozenset(
         "download_size_bytes",
         "downloaded_at",
         "quantization",
+        "license",
+        "family",
     }
 )
 """Fields copied as they are; each goes to the layer the schema says owns it (the rest are converted)."""
@@ -162,16 +223,13 @@ _PASSTHROUGH_DISCOVERED = tuple(f for f in fields_of_layer("discovered") if f in
 
 _DROPPED_LEGACY_FIELDS: dict[str, str] = {
     "artifacts": "legacy file hashes use another aggregate format; `imageworks-models verify {name}` hashes the weights again",
-    "metadata": "legacy free-form metadata (README/licence hints, downloader bookkeeping) has no field here",
     "probes": "legacy probe results are not carried over; re-run `imageworks-models probe-vision {name} IMAGE`",
     "performance": "legacy latency statistics are not carried over",
-    "profiles_placeholder": "legacy placeholder; deployment profiles are the 'profiles' list",
-    "family": "no family field here; the logical name and display_name identify the variant",
-    "license": "no licence field here",
-    "backend_alternatives": "no alternative-backend field here; add another entry per backend instead",
     "download_directory_checksum": "legacy directory checksum; `imageworks-models verify {name}` replaces it",
     "last_accessed": "access times are not kept in the registry",
 }
+"""Runtime state the importer cannot carry over: each has a replacement here (named in the reason). Every other
+legacy field without a field of its own is kept in ``metadata`` under its own key."""
 _HANDLED_LEGACY_FIELDS = frozenset({"name", "source_provider", *ModelEntry.model_fields, *_DROPPED_LEGACY_FIELDS})
 _BACKEND_CONFIG_PASSTHROUGH = ("env", "health_path", "startup_timeout_s", "api_key_env")
 _NULL_SERVED_IDS = frozenset({"", "none", "null"})
@@ -469,6 +527,8 @@ class _EntryConverter:
         self._passthrough(_PASSTHROUGH_DISCOVERED, self.discovered)
         self._download_files()
         self._source()
+        self._metadata()
+        self._testing()
         self._dropped()
         return _ordered(self.curated), _ordered(self.discovered)
 
@@ -684,7 +744,7 @@ class _EntryConverter:
         said: set[str] = set()
         unknown: dict[str, Any] = {}
         for key, value in flags.items():
-            canonical = _CAPABILITY_OF.get(key.strip().lower().replace("-", "_").replace(" ", "_"))
+            canonical = capability_for(key)
             if canonical is None:
                 unknown[key] = raw[key] if isinstance(raw, dict) else True
                 continue
@@ -727,29 +787,29 @@ class _EntryConverter:
             self.curated["roles"] = roles
 
     def _role_priority(self) -> None:
+        """Kept as it was: a {role: score} mapping stays a mapping (selection ranks by the role asked), a number
+        stays a number. Only scores that are no integers change (and are reported)."""
         raw = self.raw.get("role_priority")
         if _blank(raw) or raw == 0:
             return
         if isinstance(raw, dict):
-            scores = [v for v in raw.values() if type(v) in (int, float)]
-            if not scores:
-                self.add("role_priority", "dropped", raw, reason="no numeric scores")
-                return
-            value = int(max(scores))
-            self.add(
-                "role_priority",
-                "changed",
-                raw,
-                value,
-                "one priority per entry here (higher wins); kept the highest per-role score",
-            )
-        elif type(raw) in (int, float):
-            value = int(raw)
-            if value != raw:
-                self.add("role_priority", "changed", raw, value, "priorities are integers")
-        else:
-            self.add("role_priority", "dropped", raw, reason="not a number")
+            scores: dict[str, int] = {}
+            for role, score in raw.items():
+                if type(score) not in (int, float):
+                    self.add(f"role_priority.{role}", "dropped", score, reason="not a number")
+                    continue
+                scores[str(role)] = round(score)
+                if scores[str(role)] != score:
+                    self.add(f"role_priority.{role}", "changed", score, scores[str(role)], "priorities are integers")
+            if scores:
+                self.curated["role_priority"] = scores
             return
+        if type(raw) not in (int, float):
+            self.add("role_priority", "dropped", raw, reason="not a number or a {role: score} mapping")
+            return
+        value = round(raw)
+        if value != raw:
+            self.add("role_priority", "changed", raw, value, "priorities are integers")
         if value:
             self.curated["role_priority"] = value
 
@@ -945,14 +1005,39 @@ class _EntryConverter:
         if source:
             self.discovered["source"] = source
 
+    def _metadata(self) -> None:
+        """The legacy ``metadata`` object, kept exactly (provenance: README/licence hashes, producer, ...), plus
+        every legacy field that has no field here and is no runtime state: each under its own key."""
+        raw = self.raw.get("metadata")
+        metadata: dict[str, Any] = {}
+        if isinstance(raw, dict):
+            metadata = dict(raw)
+        elif not _blank(raw):
+            self.add("metadata", "dropped", raw, reason="not an object")
+        for key, value in self.raw.items():
+            if key in _HANDLED_LEGACY_FIELDS or _blank(value):
+                continue
+            if key in metadata and metadata[key] != value:
+                self.add(key, "dropped", value, reason=f"metadata already holds another {key!r}: {_show(metadata[key])}")
+                continue
+            metadata[key] = value
+            self.add(key, "moved", value, f"metadata.{key}", "no field of its own here; kept, never used for decisions")
+        if metadata:
+            self.discovered["metadata"] = metadata
+
+    def _testing(self) -> None:
+        if self.curated.get("testing"):
+            return
+        why = legacy_testing_reason(self.raw.get("name", ""), self.raw.get("metadata"), self.settings)
+        if why:
+            self.curated["testing"] = True
+            self.add("testing", "changed", False, True, why + "; hidden from selection here too (clear it if it is a real model)")
+
     def _dropped(self) -> None:
         for key, value in self.raw.items():
-            if key in _HANDLED_LEGACY_FIELDS and key not in _DROPPED_LEGACY_FIELDS:
+            if key not in _DROPPED_LEGACY_FIELDS or _blank(value):
                 continue
-            if _blank(value):
-                continue
-            reason = _DROPPED_LEGACY_FIELDS.get(key, "unknown legacy field; not part of our schema")
-            self.add(key, "dropped", value, reason=reason.replace("{name}", self.name))
+            self.add(key, "dropped", value, reason=_DROPPED_LEGACY_FIELDS[key].replace("{name}", self.name))
 
 
 # Names across entries -----------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .registry_file import (
     read_registry_text,
     splice,
 )
-from .schema import ModelEntry, fields_of_layer
+from .schema import ModelEntry, fields_of_layer, rank_for_role
 from .settings import Settings, get_settings, slugify
 
 Layer = Literal["curated", "discovered"]
@@ -728,7 +728,8 @@ def filter_entries(
     include_testing: bool = False,
     search: str | None = None,
 ) -> list[ModelEntry]:
-    """Entries matching every given filter; testing/deprecated hidden unless ``include_testing``."""
+    """Entries matching every given filter; testing/deprecated hidden unless ``include_testing``. With ``role``,
+    best first for that role (:func:`schema.rank_for_role`, the order selection uses); else registry order."""
     out = []
     needle = (search or "").lower()
     for entry in registry:
@@ -747,7 +748,7 @@ def filter_entries(
         ):
             continue
         out.append(entry)
-    return out
+    return rank_for_role(out, role) if role else out
 
 
 def validate(settings: Settings | None = None) -> Registry:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
@@ -27,6 +28,14 @@ PROCESS_BACKENDS: frozenset[str] = frozenset({"vllm", "lmdeploy"})
 
 CAPABILITY_NAMES: tuple[str, ...] = ("text", "vision", "tools", "embeddings", "reasoning", "audio")
 KNOWN_ROLES: tuple[str, ...] = ("caption", "keywords", "description", "narration", "chat", "embedding")
+ROLE_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "caption": ("vision",),
+    "keywords": ("vision",),
+    "description": ("vision",),
+    "narration": ("vision",),
+}
+"""Capabilities selection by role always requires, on top of the caller's (ImageWorks' rule: the image roles
+need a model that sees). Selection by name does not add them."""
 DEFAULT_VLLM_LAUNCH: tuple[str, ...] = (
     "vllm",
     "serve",
@@ -251,7 +260,11 @@ class ModelEntry(_Strict):
         description=f"other names: at most {NAME_MAX_CHARS} characters; no control, zero-width or bidi-control characters",
     )
     roles: list[str] = Field(default_factory=list)
-    role_priority: int = Field(default=0, description="higher wins; ties broken by name")
+    role_priority: int | dict[str, int] = Field(
+        default=0,
+        description="selection rank by role, higher wins: an integer for every role, or {role: score} per role "
+        "(a role missing from the mapping scores 0); ties broken by name",
+    )
     capabilities: Capabilities = Field(default_factory=Capabilities)
     download_path: str | None = Field(default=None, json_schema_extra=_FACT)
     download_format: str | None = Field(
@@ -263,6 +276,18 @@ class ModelEntry(_Strict):
     downloaded_at: datetime | None = Field(default=None, json_schema_extra=_FACT)
     quantization: str | None = Field(default=None, json_schema_extra=_FACT)
     source: Source = Field(default_factory=Source, json_schema_extra=_FACT)
+    license: str | None = Field(
+        default=None, description="licence of the weights (e.g. mit, apache-2.0); informational", json_schema_extra=_FACT
+    )
+    family: str | None = Field(
+        default=None, description="base model family (e.g. qwen2.5-vl-7b); informational", json_schema_extra=_FACT
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="free-form provenance (README and licence hashes, producer, model type, library, ...): kept "
+        "and shown, never used for decisions",
+        json_schema_extra=_FACT,
+    )
     backend_config: BackendConfig = Field(default_factory=BackendConfig)
     generation_defaults: dict[str, Any] = Field(default_factory=dict)
     chat_template: ChatTemplate | None = None
@@ -295,6 +320,12 @@ class ModelEntry(_Strict):
     def effective_served_id(self) -> str:
         return self.served_model_id or self.name
 
+    def priority_for(self, role: str) -> int:
+        """This entry's rank for ``role``: the integer (every role), or the mapping's score (0 when absent)."""
+        if isinstance(self.role_priority, int):
+            return self.role_priority
+        return self.role_priority.get(role, 0)
+
     def launch_template(self) -> list[str] | None:
         """The argv template before placeholder expansion (default ``vllm serve`` for vllm entries)."""
         if self.backend_config.launch:
@@ -302,6 +333,12 @@ class ModelEntry(_Strict):
         if self.backend == "vllm":
             return [*DEFAULT_VLLM_LAUNCH, *self.backend_config.extra_args]
         return None
+
+
+def rank_for_role(entries: Iterable[ModelEntry], role: str) -> list[ModelEntry]:
+    """``entries`` best first for ``role``: highest :meth:`ModelEntry.priority_for`, then name (the one ranking
+    that selection, ``list --role`` and the dashboard's role filter share)."""
+    return sorted(entries, key=lambda entry: (-entry.priority_for(role), entry.name))
 
 
 def json_schema() -> dict[str, Any]:

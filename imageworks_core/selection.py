@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import CapabilityError, FilteredModelError, UnknownModelError
 from .registry import Registry, load_registry
-from .schema import CAPABILITY_NAMES, ModelEntry
+from .schema import CAPABILITY_NAMES, ROLE_CAPABILITIES, ModelEntry, rank_for_role
 from .settings import Settings, get_settings
 from .upstream import endpoint_for as endpoint_for
 from .upstream import single_port_endpoint as single_port_endpoint
@@ -29,7 +29,8 @@ class Selection:
         return asdict(self)
 
 
-def _check_capabilities(entry: ModelEntry, required: Iterable[str]) -> None:
+def check_capabilities(entry: ModelEntry, required: Iterable[str]) -> None:
+    """CapabilityError naming what ``entry`` lacks of ``required`` (or an unknown capability name)."""
     required = [c.strip() for c in required if c and c.strip()]
     unknown = [c for c in required if c not in CAPABILITY_NAMES]
     if unknown:
@@ -67,6 +68,13 @@ def _selection(entry: ModelEntry, settings: Settings) -> Selection:
     )
 
 
+def role_requirements(role: str, require_capabilities: Iterable[str] = ()) -> list[str]:
+    """The capabilities selection for ``role`` requires: the role's own (:data:`ROLE_CAPABILITIES`: vision for
+    caption, keywords, description and narration) and then the caller's, each once."""
+    required = [*ROLE_CAPABILITIES.get(role, ()), *(c.strip() for c in require_capabilities if c and c.strip())]
+    return list(dict.fromkeys(required))
+
+
 def select_model(
     name: str | None = None,
     role: str | None = None,
@@ -76,11 +84,16 @@ def select_model(
     registry: Registry | None = None,
     settings: Settings | None = None,
     allow_hidden: bool = False,
+    preferred: Iterable[str] = (),
 ) -> Selection:
-    """Select by name (logical name, alias, served id) or by role (highest role_priority, then name).
+    """Select by name (logical name, alias, served id) or by role.
 
-    Raises UnknownModelError (with close matches), FilteredModelError (why: profile / testing / deprecated)
-    or CapabilityError (which capabilities are missing).
+    By role: the first of ``preferred`` (names, aliases or served ids; unknown ones skipped) that has the role,
+    is not filtered out and has the capabilities; else the best of the rest by :func:`rank_for_role` (the
+    entry's priority for this role, then name). Role selection always requires the role's own capabilities
+    (:func:`role_requirements`). ``allow_hidden`` lets a name select a deprecated, testing or other-profile
+    entry. Raises UnknownModelError (with close matches), FilteredModelError (why: profile / testing /
+    deprecated) or CapabilityError (which capabilities are missing).
     """
     settings = settings or (registry.settings if registry else get_settings())
     registry = registry or load_registry(settings=settings)
@@ -98,16 +111,27 @@ def select_model(
                 "profile": f"its profiles {entry.profiles} exclude the active profile {profile!r}",
             }[reason]
             raise FilteredModelError(f"{entry.name!r} is filtered out: {detail}", name=entry.name, reason=reason)
-        _check_capabilities(entry, required)
+        check_capabilities(entry, required)
         return _selection(entry, settings)
+    assert role is not None
+    required = role_requirements(role, required)
+
+    def capable(entry: ModelEntry) -> bool:
+        return all(getattr(entry.capabilities, c, False) for c in required)
+
+    for wanted in preferred:
+        try:
+            entry = registry.get(wanted)
+        except UnknownModelError:
+            continue
+        if role in entry.roles and _filter_reason(entry, profile) is None and capable(entry):
+            return _selection(entry, settings)
     candidates = [e for e in registry if role in e.roles and _filter_reason(e, profile) is None]
     if not candidates:
         hidden = [e.name for e in registry if role in e.roles]
         why = f" ({len(hidden)} hidden by profile/testing/deprecated: {', '.join(hidden)})" if hidden else ""
         raise UnknownModelError(f"no model has role {role!r}{why}", name=str(role))
-    capable = [e for e in candidates if all(getattr(e.capabilities, c, False) for c in required)]
-    if not capable:
-        best = sorted(candidates, key=lambda e: (-e.role_priority, e.name))[0]
-        _check_capabilities(best, required)
-    best = sorted(capable, key=lambda e: (-e.role_priority, e.name))[0]
-    return _selection(best, settings)
+    able = [e for e in candidates if capable(e)]
+    if not able:
+        check_capabilities(rank_for_role(candidates, role)[0], required)
+    return _selection(rank_for_role(able, role)[0], settings)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import audit, history
-from .errors import LockViolationError, RegistryError, UnknownRevisionError
-from .registry import LayerChange, Registry, entry_update, load_registry, preview_edit, update_entry
+from .errors import LockViolationError, RegistryError, UnknownRevisionError, UsageError
+from .registry import LayerChange, Registry, edit_layer, entry_update, load_registry, preview_edit, update_entry
 from .schema import ModelEntry
 from .selection import Selection, select_model
 from .settings import Settings, get_settings
@@ -230,8 +230,11 @@ class ImageWorks:
         role: str | None = None,
         require_capabilities: Sequence[str] = (),
         profile: str | None = None,
+        preferred: Sequence[str] = (),
+        allow_hidden: bool = False,
     ) -> Selection:
-        """Resolve a name or role to an endpoint; a locked entry whose last verification drifted is refused."""
+        """Resolve a name or role to an endpoint (see :func:`imageworks_core.selection.select_model` for
+        ``preferred`` and ``allow_hidden``); a locked entry whose last verification drifted is refused."""
         selection = select_model(
             name=name,
             role=role,
@@ -239,6 +242,8 @@ class ImageWorks:
             profile=profile,
             registry=self.registry,
             settings=self.settings,
+            preferred=list(preferred),
+            allow_hidden=allow_hidden,
         )
         status = self.status(selection.name)
         if status.drifted:
@@ -354,6 +359,43 @@ class ImageWorks:
         """Set curated fields of ``name`` (``create``: add a new entry, refusing one already curated)."""
         try:
             return update_entry(self.settings, name, changes, command=command, create=create, must_be_new=create)
+        finally:
+            self.refresh()
+
+    def save_entries(self, changes: dict[str, dict[str, Any]], *, command: str) -> Registry:
+        """Set curated fields of several entries in one change (all or nothing); an entry not yet curated gets a
+        curated record holding just these fields."""
+        updates = [entry_update(self.settings, name, dict(fields), create=True) for name, fields in changes.items()]
+
+        def mutate(entries: list[dict[str, Any]]) -> None:
+            for update in updates:
+                update(entries)
+
+        try:
+            return edit_layer(self.settings, "curated", mutate, command=command)
+        finally:
+            self.refresh()
+
+    def remove_entry(self, name: str, *, command: str) -> Registry:
+        """Remove an entry (by name, alias or served id) from both layer files, curated first (each write journaled
+        and kept as a revision; a crash in between leaves a valid discovered-only entry). A locked entry is
+        refused (UsageError): unlock it first, so dropping a pin is always a recorded decision."""
+        entry = self.registry.get(name)
+        if entry.locked:
+            raise UsageError(
+                f"{entry.name!r} is locked; nothing removed. Unlock it first: "
+                f"imageworks-models unlock {shlex.quote(entry.name)} --reason '...'"
+            )
+        registry = self.registry
+
+        def drop(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [raw for raw in entries if raw.get("name") != entry.name]
+
+        try:
+            for layer, present in (("curated", registry.curated), ("discovered", registry.discovered)):
+                if entry.name in present:
+                    registry = edit_layer(self.settings, layer, drop, command=command)
+            return registry
         finally:
             self.refresh()
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     vllm_extra_args: str = Field(default="", validation_alias="CHAT_PROXY_VLLM_EXTRA_ARGS")
     gpu_overhead_factor: float = Field(default=1.2, validation_alias="IMAGEWORKS_GPU_OVERHEAD_FACTOR")
     cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
+    # Older ImageWorks' extra test-model name patterns (regular expressions, comma-separated): names matching
+    # one are imported as testing and reported as test models by imageworks.model_loader.testing_filters.
+    test_model_patterns: str = Field(default="", validation_alias="IMAGEWORKS_TEST_MODEL_PATTERNS")
 
     @property
     def debug_enabled(self) -> bool:

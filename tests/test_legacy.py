@@ -56,7 +56,7 @@ def test_merged_file_splits_operator_decisions_to_curated_and_machine_facts_to_d
         "backend": "vllm",
         "model_aliases": ["qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct-AWQ"],
         "roles": ["caption", "keywords", "description"],
-        "role_priority": 90,
+        "role_priority": {"caption": 90, "keywords": 80, "description": 85},  # kept per role, exactly
         "capabilities": {"text": True, "vision": True, "tools": True},
         "backend_config": {
             "extra_args": [
@@ -85,6 +85,18 @@ def test_merged_file_splits_operator_decisions_to_curated_and_machine_facts_to_d
         "downloaded_at": "2025-09-28T14:02:11.512000+00:00",
         "quantization": "awq",
         "source": {"repo_id": "Qwen/Qwen2.5-VL-7B-Instruct-AWQ", "provider": "huggingface"},
+        "license": "apache-2.0",
+        "family": "qwen2.5-vl-7b-instruct",
+        # The legacy provenance object exactly, plus the legacy fields that have no field here.
+        "metadata": {
+            "producer": "Qwen",
+            "model_type": "image-text-to-text",
+            "files_downloaded": 9,
+            "created_from_download": True,
+            "registry_layer": "curated",
+            "backend_alternatives": ["lmdeploy"],
+            "custom_tag": "prod-captioner",
+        },
     }
     # An entry with only machine facts (legacy backend "unassigned") stays discovered-only and unconfigured.
     assert "siglip-so400m-patch14-384" not in curated
@@ -191,12 +203,10 @@ def test_report_lists_every_changed_and_dropped_field_with_old_and_new_values(fr
     for line in (
         'changed  backend: "vllm-openai" -> "vllm"  (legacy backend alias)',
         "dropped  backend_config.port: 24001  (vllm runs on the single port (CHAT_PROXY_VLLM_PORT, now 24001)",
-        'changed  role_priority: {"caption": 90, "keywords": 80, "description": 85} -> 90',
         'moved    source.huggingface_id -> source.repo_id: "Qwen/Qwen2.5-VL-7B-Instruct-AWQ"',
         'changed  source_provider: "hf" -> "huggingface"',
-        'dropped  custom_tag: "prod-captioner"  (unknown legacy field; not part of our schema)',
-        'dropped  license: "apache-2.0"',
-        'dropped  family: "qwen2.5-vl-7b-instruct"',
+        'moved    custom_tag -> metadata.custom_tag: "prod-captioner"  (no field of its own here; kept, never used for decisions)',
+        'moved    backend_alternatives -> metadata.backend_alternatives: ["lmdeploy"]',
         'dropped  download_directory_checksum: "3fa9c0d1e2b4a6f8"',
         "ACTION   version_lock.locked: true -> false",
         'changed  chat_template.source: "external" -> "file"',
@@ -207,8 +217,11 @@ def test_report_lists_every_changed_and_dropped_field_with_old_and_new_values(fr
         "1 change(s) need your action",
     ):
         assert line in text, line
-    for dropped in ("artifacts", "performance", "probes", "metadata", "backend_alternatives", "last_accessed"):
+    for dropped in ("artifacts", "performance", "probes", "last_accessed"):
         assert f"  dropped  {dropped}: " in text, dropped
+    # Only what truly cannot carry over is dropped: per-role priorities, licence, family and provenance are kept.
+    for kept in ("role_priority", "license", "family", "metadata"):
+        assert f"  dropped  {kept}" not in text and f"changed  {kept}" not in text, kept
     # Empty legacy values carry nothing and are not reported (e.g. the Qwen2 entry's empty role_priority {}).
     qwen2_block = text.split("Qwen/Qwen2-VL 2B -> Qwen-Qwen2-VL-2B")[1].split("\n\n")[0]
     assert "role_priority" not in qwen2_block and "version_lock" not in qwen2_block
@@ -237,7 +250,10 @@ def test_pair_import_applies_the_legacy_discovered_overlay_and_reports_what_it_h
     assert "chat_template" not in curated["florence-2-large_(FP16)"]  # legacy source "none"
     registry = load_registry(force=True, settings=fresh)
     assert registry.get("microsoft/Florence-2-large").name == "florence-2-large_(FP16)"
-    assert registry.get("florence-2-large_(FP16)").role_priority == 95
+    florence = registry.get("florence-2-large_(FP16)")
+    assert florence.role_priority == {"keywords": 95, "caption": 75}
+    assert (florence.priority_for("keywords"), florence.priority_for("caption"), florence.priority_for("chat")) == (95, 75, 0)
+    assert (florence.license, florence.family) == ("mit", "florence-2-large")
 
 
 def test_curated_file_alone_warns_that_its_discovered_overlay_was_left_out(fresh: Settings) -> None:
