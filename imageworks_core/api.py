@@ -250,8 +250,15 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
 
     @app.get("/v1/active")
     async def active() -> dict[str, Any]:
+        """What serves on the single port (``active``), the start in progress if any (``starting``: name, phase,
+        detail, elapsed_s, as ``current-model`` shows it) and the switch this server is making (``switching_to``)."""
         status = await asyncio.to_thread(service.current)
-        return {"active": status.model_dump(mode="json") if status else None, "switching_to": coordinator.switching_to}
+        starting = await asyncio.to_thread(service.activation)
+        return {
+            "active": status.model_dump(mode="json") if status else None,
+            "starting": starting.to_dict() if starting else None,
+            "switching_to": coordinator.switching_to,
+        }
 
     @app.get("/v1/registry/status")
     async def registry_status() -> dict[str, Any]:

@@ -118,3 +118,59 @@ def test_a_non_loopback_bind_without_a_token_is_refused(root: Settings) -> None:
     # Was: reads open, mutations 403. Now nothing is served beyond loopback without a token (trust issue, item 2).
     with pytest.raises(UsageError, match="IMAGEWORKS_API_TOKEN"):
         create_app(root, bind_host="0.0.0.0", watch=False)
+
+
+def test_get_active_shows_a_start_in_progress_as_the_cli_does(root: Settings, cli, monkeypatch) -> None:
+    """While a start runs, ``GET /v1/active`` carries its progress record under ``starting`` (name, phase,
+    detail, elapsed): the same record ``current-model`` prints; it is gone once the start is cancelled."""
+    from conftest import demo_launch, free_port
+
+    from imageworks_core.service import ImageWorks
+    from imageworks_core.settings import get_settings
+
+    slow = "slow_(CPU)"
+    monkeypatch.setenv("CHAT_PROXY_VLLM_PORT", str(free_port()))
+    curated = json.loads(root.curated_path.read_text(encoding="utf-8"))
+    curated.append(
+        {
+            "name": slow,
+            "backend": "vllm",
+            "served_model_id": "test/slow",
+            "download_path": "demo/models/imageworks-demo-vision",
+            "backend_config": {
+                "launch": ["bash", "-c", 'sleep 60; exec "$@"', "-", *demo_launch()],
+                "startup_timeout_s": 120,
+            },
+        }
+    )
+    root.curated_path.write_text(json.dumps(curated, indent=2), encoding="utf-8")
+    service = ImageWorks(get_settings(root.root))
+    with api_server(root.root) as base:
+        assert httpx.get(f"{base}/v1/active").json()["starting"] is None
+        service.start_activation(slow)
+        try:
+            seen: dict = {}
+
+            def loading() -> bool:
+                seen.update(httpx.get(f"{base}/v1/active", timeout=10).json())
+                return (seen["starting"] or {}).get("phase") == "waiting"
+
+            wait_until(loading, timeout=30, what="GET /v1/active to show the start waiting for its backend")
+            starting = seen["starting"]
+            record = service.activation()
+            assert record is not None
+            assert {k: starting[k] for k in ("name", "phase", "started_at", "activated_by", "pid")} == {
+                "name": slow,
+                "phase": "waiting",
+                "started_at": record.started_at.isoformat().replace("+00:00", "Z"),
+                "activated_by": record.activated_by,
+                "pid": record.pid,
+            }
+            assert starting["detail"] and starting["elapsed_s"] >= 0
+            assert seen["active"]["status"] == "starting" and seen["active"]["name"] == slow
+            shown = cli("current-model", "--no-health").out
+            assert f"activating {slow!r} (waiting" in shown, shown
+        finally:
+            result = service.stop(reason="test done")
+        assert result is not None and result.cancelled == slow
+        assert httpx.get(f"{base}/v1/active").json() == {"active": None, "starting": None, "switching_to": None}

@@ -178,7 +178,7 @@ def test_activation_endpoints_error_paths(api) -> None:
     assert remote.status_code == 400 and "nothing to activate" in remote.json()["error"]["message"]
     assert httpx.post(f"{base}/v1/activate", json={}).status_code == 422  # body validation
     assert httpx.post(f"{base}/v1/deactivate", timeout=30).json() == {"stopped": False}  # idempotent
-    assert httpx.get(f"{base}/v1/active").json() == {"active": None, "switching_to": None}
+    assert httpx.get(f"{base}/v1/active").json() == {"active": None, "starting": None, "switching_to": None}
 
 
 def test_completions_proxy_and_bad_bodies(api) -> None:

@@ -47,6 +47,10 @@ class ActivationProgress(BaseModel):
     def elapsed_s(self) -> float:
         return max(0.0, (datetime.now(UTC) - self.started_at).total_seconds())
 
+    def to_dict(self) -> dict[str, object]:
+        """The record as JSON data plus ``elapsed_s`` now (the file stores no elapsed time: it would go stale)."""
+        return {**self.model_dump(mode="json"), "elapsed_s": round(self.elapsed_s, 1)}
+
 
 def progress_path(settings: Settings) -> Path:
     """``_staging/activation.json``."""
