@@ -86,6 +86,16 @@ def list_cmd(
     typer.echo(f"\n{len(entries)} entries" + (f" ({hidden} hidden by filters)" if hidden else ""))
 
 
+_CELL_MAX = 120
+
+
+def _cell(text: str) -> str:
+    """A value as one table cell: on one line, cut at ``_CELL_MAX`` characters (a licence text in metadata
+    would otherwise widen every row); ``--json`` prints it whole."""
+    text = " ".join(text.split())
+    return text if len(text) <= _CELL_MAX else text[: _CELL_MAX - 1] + "…"
+
+
 @app.command("show")
 def show_cmd(
     name: Annotated[str, typer.Argument(help="Logical name, alias or served id.")],
@@ -118,8 +128,13 @@ def show_cmd(
             value = value.get(part) if isinstance(value, dict) else None
         if layer == "default" and value in (None, [], {}, False):
             continue
-        rows.append((path, json.dumps(value, default=str, ensure_ascii=False), layer))
+        rows.append((path, _cell(json.dumps(value, default=str, ensure_ascii=False)), layer))
     typer.echo(format_table(("FIELD", "VALUE", "FROM"), rows))
+    if entry.license or entry.family or entry.metadata:
+        typer.echo(
+            f"\nprovenance (kept from the source, never used for decisions): license {entry.license or '-'}, "
+            f"family {entry.family or '-'}, {len(entry.metadata)} metadata key(s) (metadata.* above; --json in full)"
+        )
     typer.echo(f"\nendpoint: {extra['endpoint'] or '-'}")
     if extra["launch_argv"]:
         typer.echo("launch argv: " + json.dumps(extra["launch_argv"]))
@@ -177,14 +192,26 @@ def select_cmd(
         str | None, typer.Option(help="Required capabilities, comma separated (e.g. vision,tools).")
     ] = None,
     profile: Annotated[str | None, typer.Option(help="Deployment profile (default $IMAGEWORKS_PROFILE).")] = None,
+    prefer: Annotated[
+        str | None,
+        typer.Option(help="With --role: names to try first, comma separated; the first usable one wins."),
+    ] = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
 ) -> None:
-    """Resolve a name or role to an endpoint (exit 4 unknown/filtered, 5 capability mismatch)."""
+    """Resolve a name or role to an endpoint (exit 4 unknown/filtered, 5 capability mismatch).
+
+    By role: the highest role_priority for that role (then name) among usable entries with the role and the
+    capabilities; caption, keywords, description and narration always require vision."""
     if (name is None) == (role is None):
         raise UsageError("give a NAME or --role ROLE (exactly one)")
+    if prefer and role is None:
+        raise UsageError("--prefer goes with --role ROLE")
     required = [c for c in (require or "").split(",") if c.strip()]
-    selection = service_for(root).select(name=name, role=role, require_capabilities=required, profile=profile)
+    preferred = [p.strip() for p in (prefer or "").split(",") if p.strip()]
+    selection = service_for(root).select(
+        name=name, role=role, require_capabilities=required, profile=profile, preferred=preferred
+    )
     if as_json:
         echo_json(selection.to_dict())
         return
