@@ -199,6 +199,7 @@ def legacy_testing_reason(name: str, metadata: Any, settings: Settings) -> str |
         return "legacy metadata.testing is true"
     return None
 
+
 _PASSTHROUGH = frozenset(
     {
         "display_name",
@@ -1018,7 +1019,9 @@ class _EntryConverter:
             if key in _HANDLED_LEGACY_FIELDS or _blank(value):
                 continue
             if key in metadata and metadata[key] != value:
-                self.add(key, "dropped", value, reason=f"metadata already holds another {key!r}: {_show(metadata[key])}")
+                self.add(
+                    key, "dropped", value, reason=f"metadata already holds another {key!r}: {_show(metadata[key])}"
+                )
                 continue
             metadata[key] = value
             self.add(key, "moved", value, f"metadata.{key}", "no field of its own here; kept, never used for decisions")
@@ -1031,7 +1034,13 @@ class _EntryConverter:
         why = legacy_testing_reason(self.raw.get("name", ""), self.raw.get("metadata"), self.settings)
         if why:
             self.curated["testing"] = True
-            self.add("testing", "changed", False, True, why + "; hidden from selection here too (clear it if it is a real model)")
+            self.add(
+                "testing",
+                "changed",
+                False,
+                True,
+                why + "; hidden from selection here too (clear it if it is a real model)",
+            )
 
     def _dropped(self) -> None:
         for key, value in self.raw.items():

@@ -277,7 +277,9 @@ class ModelEntry(_Strict):
     quantization: str | None = Field(default=None, json_schema_extra=_FACT)
     source: Source = Field(default_factory=Source, json_schema_extra=_FACT)
     license: str | None = Field(
-        default=None, description="licence of the weights (e.g. mit, apache-2.0); informational", json_schema_extra=_FACT
+        default=None,
+        description="licence of the weights (e.g. mit, apache-2.0); informational",
+        json_schema_extra=_FACT,
     )
     family: str | None = Field(
         default=None, description="base model family (e.g. qwen2.5-vl-7b); informational", json_schema_extra=_FACT
