@@ -40,7 +40,7 @@ def registry(settings: Settings, *, force: bool = False, required: bool = True) 
         loaded = time.strftime("%H:%M:%S", time.localtime(view.loaded_at))
         problems = view.error.lines()
         st.warning(
-            f"**The registry files are invalid** ({len(problems)} problem(s)); showing the last good "
+            f"**The registry files are invalid** ({dd.count_text(len(problems), 'problem')}); showing the last good "
             f"registry, loaded at {loaded}.\n\n{problem_list(problems)}\n\n{REGISTRY_FIX}",
             icon="⚠️",
         )

@@ -2,8 +2,8 @@
 
 It owns the registry a front end serves (the last good one when the files on disk turn invalid, with the error
 beside it), the status of every entry (lock state, weights, latest verification and probe, the drift rule,
-per-field provenance), and the actions (select, verify, lock, unlock, rollback and its diffs, activate, stop,
-current, probe, download, import-legacy). Front ends parse arguments and format results; they hold no rules.
+per-field provenance), and every action, listed on :class:`ImageWorks`. Front ends parse arguments and format
+results; they hold no rules.
 
 Adversaries: concurrent callers in one process (threads of the API server, Streamlit sessions) share one object:
 swaps of the registry are atomic under a lock; a registry that turns invalid never replaces a good one.
@@ -81,6 +81,12 @@ class EntryStatus:
         return self.lock == "locked" and (self.last_verification or {}).get("result") == "drift"
 
     @property
+    def new_weights_to_accept(self) -> bool:
+        """A pinned entry (locked or not) whose latest verification drifted: the operator may accept the new
+        weights (:meth:`ImageWorks.accept_new_weights`) or restore the old ones."""
+        return self.lock in ("locked", "pinned") and (self.last_verification or {}).get("result") == "drift"
+
+    @property
     def badges(self) -> list[str]:
         """'drift' and/or 'missing' (weights), the two states that make an entry unusable."""
         return [b for b, on in (("drift", self.drifted), ("missing", self.weights == "missing")) if on]
@@ -113,8 +119,23 @@ def drift_violation(status: EntryStatus) -> LockViolationError:
 class ImageWorks:
     """The service every front end calls for one deployment root.
 
-    ``registry`` is the last good registry; :meth:`reload` (hot reload, the Reload button) and :meth:`refresh`
-    (a cheap re-check of the files, cached by their stat) swap in a newer one only when it is valid.
+    What it offers (each method's docstring says more):
+
+    - The registry: :attr:`registry` (the last good one), :attr:`registry_status`, :meth:`snapshot` (registry,
+      error and status read together), :meth:`reload` (hot reload, the Reload button) and :meth:`refresh` (a
+      cheap re-check of the files, cached by their stat); both swap in a newer registry only when it is valid.
+    - Entry status: :meth:`statuses`, :meth:`status` (:class:`EntryStatus`: lock, weights, latest verification
+      and probe, the drift rule), :meth:`provenance` (the layer of each field), :meth:`select`.
+    - Weights: :meth:`verify`, :meth:`lock`, :meth:`unlock`, :meth:`accept_new_weights` (the runbook's
+      intentional update: unlock with a reason, re-lock at the new hash).
+    - The single port: :meth:`activate` (waits until ready), :meth:`start_activation` (in the background, for a
+      long-running front end), :meth:`activation` (the start in progress, any process's), :meth:`current`,
+      :meth:`stop` (also cancels a start in progress).
+    - Probing: :meth:`probe`.
+    - Registry edits: :meth:`preview_entry`, :meth:`save_entry`, :meth:`save_entries`, :meth:`remove_entry`,
+      :meth:`revision_diff`, :meth:`rollback`, :meth:`import_legacy`.
+    - New weights: :meth:`download` (from the Hub, verified) and :meth:`scan` (a folder already on disk,
+      offline), both recorded in the discovered overlay.
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
@@ -456,4 +477,3 @@ class ImageWorks:
 
 def _diff(a: str, b: str, a_label: str, b_label: str) -> str:
     return "".join(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True), a_label, b_label))
-

@@ -638,7 +638,7 @@ def test_reload_registry_lists_every_problem_and_keeps_the_last_good_registry(ro
     widget(at.button, "Reload registry").click()
     run(at)
     error = joined(at.error)
-    assert "Registry reload failed — 2 problem(s)" in error
+    assert "Registry reload failed — 2 problems" in error
     assert "unknown key 'role_priorty' — did you mean 'role_priority'?" in error
     assert "entry 'gpt-4o-mini_(remote)': field 'backend'" in error
     assert "Reload registry" in error, "the fix is named"

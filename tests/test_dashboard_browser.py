@@ -362,7 +362,7 @@ def test_reload_registry_after_corruption_shows_the_error_banner(page, dashboard
     try:
         curated.write_text(good.replace('"role_priority": 1,', '"role_priorty": 1,'), encoding="utf-8")
         page.get_by_role("button", name="Reload registry").click()
-        expect(page.get_by_text("Registry reload failed — 1 problem(s):")).to_be_visible()
+        expect(page.get_by_text("Registry reload failed — 1 problem:")).to_be_visible()
         # The banner lists the problem too (issue 13): the text may stand twice on the page.
         expect(page.get_by_text("unknown key 'role_priorty' — did you mean 'role_priority'?").first).to_be_visible()
         expect(page.get_by_text("showing the last good registry")).to_be_visible()

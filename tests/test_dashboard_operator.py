@@ -8,6 +8,7 @@ Test connection hints.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import free_port
 from streamlit.testing.v1 import AppTest
 
 from imageworks_core import audit, dashboard_data, runtime
+from imageworks_core.errors import BackendError
 from imageworks_core.registry import edit_layer, load_registry, update_entry
 from imageworks_core.settings import Settings, get_settings
 
@@ -23,8 +25,6 @@ DEMO = "demo-vision_(CPU)"
 DEMO_TEXT = "demo-text_(CPU)"
 REMOTE = "gpt-4o-mini_(remote)"
 pytestmark = pytest.mark.usefixtures("fresh_home")
-
-
 
 
 # Item 13: an invalid registry at dashboard start --------------------------------------------------------------
@@ -236,3 +236,99 @@ def test_test_connection_of_a_remote_backend_hints_at_its_url_and_key(
     error = joined(at.error)
     assert error and "Active Model" not in error, "a remote endpoint is not started on the Active Model page"
     assert "key from `$" in joined(at.markdown), "the key's variable is named beside the endpoint"
+
+
+# Rules the pages used to hold, now in the core ----------------------------------------------------------------
+def test_after_a_failed_start_starting_another_model_is_a_start_not_a_switch(single_port: Settings) -> None:
+    """A failed record holds no port: the button and the confirmation agree that the next start is a Start."""
+    from imageworks_core.dashboard_data import active
+
+    update_entry(
+        single_port, DEMO_TEXT, {"backend_config": {"launch": ["no-such-vllm-binary", "serve"]}}, command="test"
+    )
+    with pytest.raises(BackendError):
+        runtime.activate(single_port, DEMO_TEXT)
+    view = active.active_view(single_port)
+    assert (view.phase, view.name, view.occupant, view.status_text) == ("failed", DEMO_TEXT, None, "failed")
+    at = open_page("active_model")
+    widget(at.selectbox, "Model to run on the single port").set_value(DEMO)
+    run(at)
+    assert "Switch" not in [b.label for b in at.button]
+    widget(at.button, "Start").click()
+    run(at)
+    shown = joined(at.markdown)
+    assert f"Start **{DEMO}** on the single port?" in shown and "Switch from" not in shown, shown
+    at.button(key="active_confirm_cancel").click()
+    run(at)
+    widget(at.button, "Stop").click()
+    run(at)
+    assert f"Stop **{DEMO_TEXT}**?" in joined(at.markdown), "Stop still names the failed record it clears"
+    runtime.stop(single_port, reason="test")
+
+
+def test_active_view_figures_while_starting_and_idle(root: Settings) -> None:
+    from imageworks_core.dashboard_data.active import ActiveView
+
+    idle = ActiveView("idle", None, None, None)
+    assert (idle.occupant, idle.status_text, idle.health_text) == (None, "idle", "—")
+    progress = runtime.ActivationProgress(
+        name=DEMO, phase="verify", started_at=datetime.now(UTC), updated_at=datetime.now(UTC), pid=1
+    )
+    starting = ActiveView("starting", None, progress, None)
+    assert (starting.occupant, starting.status_text, starting.health_text) == (DEMO, "starting", "starting")
+    assert starting.can_cancel and not starting.can_start and not starting.can_stop
+
+
+def test_stop_result_says_when_it_only_cancelled_a_start() -> None:
+    from imageworks_core.runtime import StopResult
+
+    assert StopResult(DEMO, 0, 0.1, None, [], cancelled=DEMO).cancelled_only
+    assert not StopResult(DEMO, 4242, 0.1, "SIGTERM", [4242], cancelled=DEMO).cancelled_only, "it stopped one too"
+    assert not StopResult(DEMO, 4242, 0.1, "SIGTERM", [4242]).cancelled_only
+
+
+@pytest.mark.parametrize(
+    ("lock", "result", "offered"),
+    [
+        ("locked", "drift", True),
+        ("pinned", "drift", True),
+        ("unlocked", "drift", False),
+        ("locked", "ok", False),
+        ("locked", None, False),
+    ],
+)
+def test_accept_new_weights_is_offered_for_a_pinned_entry_that_drifted(
+    lock: str, result: str | None, offered: bool
+) -> None:
+    from imageworks_core.service import EntryStatus
+
+    last = {"result": result, "at": "2026-01-01T00:00:00+00:00"} if result else None
+    status = EntryStatus(DEMO, lock, "present", last, None)  # type: ignore[arg-type]
+    assert status.new_weights_to_accept is offered
+
+
+def test_counts_read_right_in_every_page_text() -> None:
+    count = dashboard_data.count_text
+    assert [count(1, "event"), count(3, "event"), count(0, "problem")] == ["1 event", "3 events", "0 problems"]
+    assert [count(1, "entry", "entries"), count(2, "entry", "entries")] == ["1 entry", "2 entries"]
+    assert dashboard_data.entries_caption(5, 1) == "5 entries shown (1 hidden by filters)"
+
+
+def test_import_candidates_read_the_download_history_without_creating_it(root: Settings, tmp_path: Any) -> None:
+    from imageworks_core import history
+
+    registry = load_registry(settings=root)
+    before = dashboard_data.import_candidates(registry)
+    assert not root.history_db_path.exists(), "listing never creates the history DB"
+    assert all(c.origin == "discovered" for c in before)
+    folder = tmp_path / "weights" / "acme" / "tiny"
+    folder.mkdir(parents=True)
+    common = {"repo_id": "acme/tiny", "location": "test", "path": str(folder), "actor": "test"}
+    history.record_download(root, **common, status="cancelled", detail="download cancelled by the operator")
+    history.record_download(root, **common, status="ok", format="safetensors", total_bytes=2048, detail="done")
+    rows = dashboard_data.candidate_rows(
+        [c for c in dashboard_data.import_candidates(registry) if c.origin == "download"]
+    )
+    assert [(r["repo"], r["path"], r["format"], r["size"]) for r in rows] == [
+        ("acme/tiny", str(folder), "safetensors", "2.0 KiB")
+    ], "the ok run only; a cancelled one is no candidate"

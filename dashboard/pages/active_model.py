@@ -82,14 +82,11 @@ def status_panel(settings: Settings, view: active.ActiveView) -> None:
     """Current model, status, uptime, health; banner; GPU cards; host figures; log tail."""
     status = view.status
     shown = dd.status_view(status if view.phase != "stale" else None)
-    if view.phase == "starting":
-        shown["status"] = "starting"
     model, state, uptime, health = st.columns([2, 1, 1, 1])
     model.metric("Active model", view.name or "none")
-    state.metric("Status", shown["status"])
+    state.metric("Status", view.status_text)
     uptime.metric("Uptime", shown["uptime"] or "—")
-    health_text = {True: "healthy", False: "unhealthy", None: "—"}[shown["healthy"]]
-    health.metric("Health", "starting" if view.phase == "starting" else health_text)
+    health.metric("Health", view.health_text)
     banner(view)
     if status is not None and view.phase != "stale":
         st.markdown(f"**Endpoint:** `{shown['endpoint']}` · pid {shown['pid'] or '—'}")
@@ -105,7 +102,7 @@ def status_panel(settings: Settings, view: active.ActiveView) -> None:
             st.code("\n".join(lines) or "(empty)", language=None)
             hidden = 0 if show_polls else active.hidden_polls(settings, log_name)
             if hidden:
-                st.caption(f"{hidden} health-check line{'s' if hidden != 1 else ''} hidden")
+                st.caption(f"{dd.count_text(hidden, 'health-check line')} hidden")
 
 
 @st.fragment(run_every=active.REFRESH_S)
@@ -137,7 +134,7 @@ def _stop(settings: Settings, reason: str) -> None:
         return
     if result is None:
         ui.flash("info", "Nothing was running.")
-    elif result.cancelled and not result.pid:
+    elif result.cancelled_only:
         ui.flash("info", f"Cancelled the start of {result.cancelled} ({result.stop_s:.1f} s).")
     else:
         warnings = "\n".join(result.warnings or []) or None
@@ -152,10 +149,11 @@ def _cancel(settings: Settings) -> None:
 
 def confirm_action(settings: Settings, action: str, name: str | None, force: bool) -> None:
     """The confirmation's body: what will happen, then Confirm / Cancel (Confirm acts, then the page re-reads)."""
-    current = active.active_view(settings).name
+    view = active.active_view(settings)
+    current = view.occupant
     if action == "stop":
         st.markdown(
-            f"Stop **{current or 'the active backend'}**? Requests to the single port fail until a model is started."
+            f"Stop **{view.name or 'the active backend'}**? Requests to the single port fail until a model is started."
         )
     elif current and current != name:
         st.markdown(f"Switch from **{current}** to **{name}**? {current} is stopped first.")
@@ -187,7 +185,7 @@ def confirm_dialog(settings: Settings, action: str, name: str | None, force: boo
 def controls(names: list[str] | None, view: active.ActiveView) -> None:
     """Model picker, Start / Switch and Stop, enabled as the current state allows (Stop works even when the
     registry cannot be read: ``names`` None)."""
-    current = view.name if view.phase in ("ready", "unhealthy", "starting") else None
+    current = view.occupant
     target = None
     if names:
         default = names.index(current) if current in names else 0

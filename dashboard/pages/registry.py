@@ -12,9 +12,8 @@ import streamlit as st
 import ui
 
 from imageworks_core import dashboard_data as dd
-from imageworks_core import history
 from imageworks_core.download import DEFAULT_LOCATION
-from imageworks_core.errors import ImageWorksError, UsageError
+from imageworks_core.errors import HashDriftError, ImageWorksError, UsageError
 from imageworks_core.hashing import DriftReport
 from imageworks_core.registry import Registry, filter_entries
 from imageworks_core.schema import CAPABILITY_NAMES, KNOWN_ROLES, Backend, ModelEntry
@@ -94,10 +93,9 @@ def render_drift(report: DriftReport) -> None:
 def render_verify_outcome(job: jobs.Job, action: str) -> None:
     """The result of Verify Hash / Verify and lock."""
     if job.error is not None:
-        report = getattr(job.error, "report", None)
         ui.show_error(job.error, action)
-        if report is not None:
-            render_drift(report)
+        if isinstance(job.error, HashDriftError) and isinstance(job.error.report, DriftReport):
+            render_drift(job.error.report)
         return
     result = job.result
     summary = dd.verify_summary(result)
@@ -119,7 +117,7 @@ def render_verify_outcome(job: jobs.Job, action: str) -> None:
             "If expected (new quant, patch release), re-lock with a fresh verification; if not, re-download with "
             "`--force` and file an incident report (runbook §3)."
         )
-        if getattr(result, "report", None) is not None:
+        if result.report is not None:
             render_drift(result.report)
 
 
@@ -241,7 +239,7 @@ def lock_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> 
             _unlock(settings, name, reason)
             reset()
             st.rerun()
-    if state in ("locked", "pinned") and (status.last_verification or {}).get("result") == "drift":
+    if status.new_weights_to_accept:
         st.markdown("**Accept new weights**")
         st.caption(
             "The weights changed on purpose (new quant, patch release)? Unlock with a reason and re-lock at the hash "
@@ -385,9 +383,8 @@ def _preview_or_save(
     change_preview = dd.preview_curated_change(settings, name, changes, create=create)
     if not change_preview.ok:
         st.error(
-            f"**Not {verb} — the registry would be invalid:**\n\n"
-            + "\n".join(f"- {line}" for line in change_preview.problems)
-            + "\n\nFix the field named above and try again."
+            f"**Not {verb} — the registry would be invalid:**\n\n{ui.problem_list(change_preview.problems)}"
+            "\n\nFix the field named above and try again."
         )
         return None
     if preview:
@@ -502,8 +499,8 @@ def render_download_outcome(job: jobs.Job) -> None:
         outcome = job.result
         result = outcome.result
         st.success(
-            f"Downloaded {result.repo_id}@{result.commit_sha[:12]} into `{result.target}`: {len(result.files)} "
-            f"file{'s' if len(result.files) != 1 else ''}, {format_bytes(result.total_bytes)}, verified. Discovered "
+            f"Downloaded {result.repo_id}@{result.commit_sha[:12]} into `{result.target}`: "
+            f"{dd.count_text(len(result.files), 'file')}, {format_bytes(result.total_bytes)}, verified. Discovered "
             f"entry **{outcome.update.name}** ({outcome.update.status}): import it below."
         )
 
@@ -548,7 +545,7 @@ def fetch_section(settings: Settings) -> None:
                 files = len(entry.get("download_files") or [])
                 ui.flash(
                     "success",
-                    f"Scanned `{entry['download_path']}`: {files} file{'s' if files != 1 else ''}, "
+                    f"Scanned `{entry['download_path']}`: {dd.count_text(files, 'file')}, "
                     f"{format_bytes(entry.get('download_size_bytes'))}, format {entry.get('download_format')}. "
                     f"Discovered entry **{update.name}** ({update.status}): import it below.",
                 )
@@ -560,7 +557,7 @@ def fetch_section(settings: Settings) -> None:
     if outcome is not None:
         render_download_outcome(outcome)
     rows = dd.download_history_rows(settings)
-    with st.expander(f"Download History ({len(rows)} run{'s' if len(rows) != 1 else ''})", expanded=bool(outcome)):
+    with st.expander(f"Download History ({dd.count_text(len(rows), 'run')})", expanded=bool(outcome)):
         if rows:
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="download_history")
         else:
@@ -570,8 +567,7 @@ def fetch_section(settings: Settings) -> None:
 def import_section(settings: Settings, registry: Registry) -> None:
     fetch_section(settings)
     st.divider()
-    downloads = history.list_downloads(settings) if settings.history_db_path.exists() else []
-    candidates = dd.import_candidates(registry, downloads)
+    candidates = dd.import_candidates(registry)
     st.caption(
         "Discovered entries (`model_registry.discovered.json`) and finished downloads that are not curated yet. "
         "Pick one, fill the metadata, preview the curated diff, add it."
@@ -582,25 +578,7 @@ def import_section(settings: Settings, registry: Registry) -> None:
             "Scan a folder or download a repository above."
         )
         return
-    st.dataframe(
-        pd.DataFrame(
-            [
-                {
-                    "name": c.name,
-                    "origin": c.origin,
-                    "repo": c.repo_id,
-                    "path": c.path,
-                    "format": c.download_format,
-                    "quantization": c.quantization,
-                    "size": format_bytes(c.size_bytes, missing=""),
-                    "at": c.at,
-                }
-                for c in candidates
-            ]
-        ),
-        hide_index=True,
-        width="stretch",
-    )
+    st.dataframe(pd.DataFrame(dd.candidate_rows(candidates)), hide_index=True, width="stretch")
     by_key = {c.key: c for c in candidates}
     wanted = st.session_state.pop("import_pick_next", None)
     if wanted in by_key:

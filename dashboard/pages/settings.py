@@ -32,13 +32,12 @@ def backends_tab(settings: Settings, registry: Registry | None, reloaded: dd.Reg
     )
     if reloaded is not None:
         if reloaded.error is None and reloaded.registry is not None:
-            st.success(f"Registry reloaded: {len(reloaded.registry)} entries, valid.")
+            st.success(f"Registry reloaded: {dd.count_text(len(reloaded.registry), 'entry', 'entries')}, valid.")
         elif reloaded.error is not None:
             problems = reloaded.error.lines()
             st.error(
-                f"**Registry reload failed — {len(problems)} problem(s):**\n\n"
-                + "\n".join(f"- {line}" for line in problems)
-                + f"\n\n{ui.REGISTRY_FIX}"
+                f"**Registry reload failed — {dd.count_text(len(problems), 'problem')}:**\n\n"
+                f"{ui.problem_list(problems)}\n\n{ui.REGISTRY_FIX}"
             )
     if registry is None:
         return
@@ -78,7 +77,7 @@ def audit_tab(settings: Settings) -> None:
             "details": st.column_config.JsonColumn("details", help="Click a cell to expand every field"),
         },
     )
-    st.caption(f"{len(frame)} event{'s' if len(frame) != 1 else ''}, newest first; click a details cell to expand it.")
+    st.caption(f"{dd.count_text(len(frame), 'event')}, newest first; click a details cell to expand it.")
 
 
 settings = ui.settings()

@@ -103,7 +103,7 @@ def activate_model_cmd(
             echo_json(result.to_dict() if result else None)
         elif result is None:
             typer.echo("no model active; nothing to stop")
-        elif result.cancelled and not result.pid:
+        elif result.cancelled_only:
             typer.echo(f"cancelled the start of {result.cancelled!r} in {result.stop_s:.2f}s; nothing is running")
         elif result.stale:
             typer.echo(f"stale state for {result.name!r} cleaned ({result.stale_reason}); no process was signalled")

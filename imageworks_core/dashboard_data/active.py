@@ -61,6 +61,29 @@ class ActiveView:
         return self.status.name if self.status is not None and self.phase != "stale" else None
 
     @property
+    def occupant(self) -> str | None:
+        """The entry holding the single port or starting on it (what a Start would switch away from); a failed
+        or stale record holds nothing: starting then is a Start, not a Switch."""
+        return self.name if self.phase in ("ready", "unhealthy", "starting") else None
+
+    @property
+    def status_text(self) -> str:
+        """The Status figure: the state's status, ``starting`` from the first step of a start, or ``idle``."""
+        if self.phase == "starting":
+            return "starting"
+        if self.status is None or self.phase == "stale":
+            return "idle"
+        return self.status.status
+
+    @property
+    def health_text(self) -> str:
+        """The Health figure: ``starting`` while a start runs (the activation polls it), else as last checked."""
+        if self.phase == "starting":
+            return "starting"
+        healthy = self.status.healthy if self.status is not None and self.phase != "stale" else None
+        return {True: "healthy", False: "unhealthy", None: "—"}[healthy]
+
+    @property
     def can_start(self) -> bool:
         """Start / Switch: not while a start is in progress."""
         return self.phase != "starting"

@@ -15,6 +15,7 @@ from ..errors import ImageWorksError, UsageError
 from ..registry import Registry
 from ..schema import CAPABILITY_NAMES, Capabilities
 from ..settings import Settings
+from ..units import format_bytes
 from .registry_view import service_for
 
 _FAILED_DOWNLOAD = ("fail", "error", "cancel", "partial", "incomplete", "running")
@@ -322,9 +323,16 @@ def _resolved(settings: Settings, path: str | None) -> Path | None:
     return settings.resolve_path(path).resolve() if path else None
 
 
-def import_candidates(registry: Registry, downloads: Iterable[dict[str, Any]]) -> list[ImportCandidate]:
-    """Discovered entries not in the curated file, then downloads whose directory no entry uses yet."""
+def import_candidates(registry: Registry, downloads: Iterable[dict[str, Any]] | None = None) -> list[ImportCandidate]:
+    """Discovered entries not in the curated file, then downloads whose directory no entry uses yet.
+
+    ``downloads``: download-history rows, newest first; by default the root's own (reading never creates the
+    history DB)."""
     settings = registry.settings
+    if downloads is None:
+        from ..discovery import list_download_rows
+
+        downloads = list_download_rows(settings)
     out: list[ImportCandidate] = []
     for name, raw in registry.discovered.items():
         if name in registry.curated:
@@ -384,6 +392,23 @@ def import_candidates(registry: Registry, downloads: Iterable[dict[str, Any]]) -
             )
         )
     return out
+
+
+def candidate_rows(candidates: Iterable[ImportCandidate]) -> list[dict[str, Any]]:
+    """The Import tab's table of candidates: name, origin, repo, path, format, quantization, size, when."""
+    return [
+        {
+            "name": c.name,
+            "origin": c.origin,
+            "repo": c.repo_id,
+            "path": c.path,
+            "format": c.download_format,
+            "quantization": c.quantization,
+            "size": format_bytes(c.size_bytes, missing=""),
+            "at": c.at,
+        }
+        for c in candidates
+    ]
 
 
 def import_defaults(candidate: ImportCandidate) -> dict[str, Any]:

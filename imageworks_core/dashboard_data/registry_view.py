@@ -165,9 +165,14 @@ REGISTRY_COLUMNS: tuple[str, ...] = (
 )
 
 
+def count_text(count: int, singular: str, plural: str | None = None) -> str:
+    """'1 event', '3 events', '2 entries' (``plural`` when adding an s is wrong): every count a page shows."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def entries_caption(shown: int, hidden: int) -> str:
     """'1 entry shown', '5 entries shown (1 hidden by filters)'."""
-    text = f"{shown} {'entry' if shown == 1 else 'entries'} shown"
+    text = f"{count_text(shown, 'entry', 'entries')} shown"
     return text + (f" ({hidden} hidden by filters)" if hidden else "")
 
 

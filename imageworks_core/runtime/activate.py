@@ -68,6 +68,12 @@ class StopResult:
     cancelled: str | None = None
     """The entry whose start this stop cancelled (its processes were stopped by the activation itself)."""
 
+    @property
+    def cancelled_only(self) -> bool:
+        """The stop cancelled a start and found nothing else running (the start's own processes, if any, were
+        stopped by the activation)."""
+        return self.cancelled is not None and not self.pid
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
