@@ -1,11 +1,13 @@
 """The registry schema: pydantic models are the single source of truth.
 
-The JSON Schema written by ``imageworks-models schema`` and the README's field table are generated from these
-models. Every model forbids unknown keys so a typo is an error, not a silently ignored field.
+The JSON Schema written by ``imageworks-models schema`` (also ``docs/registry.schema.json``) and the field table
+``docs/registry-fields.md`` are generated from these models (``scripts/registry_docs.py``; a test keeps them in
+sync). Every model forbids unknown keys so a typo is an error, not a silently ignored field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -376,3 +378,67 @@ def field_layer(name: str) -> FieldLayer:
 def fields_of_layer(layer: FieldLayer) -> tuple[str, ...]:
     """Entry fields owned by ``layer``, in schema order (``name``, the key of both layers, is in neither)."""
     return tuple(name for name in ModelEntry.model_fields if name != "name" and field_layer(name) == layer)
+
+
+def _type_text(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    """A JSON Schema property's type in words (``string or null``, ``list of string``, ``{string: integer}``)."""
+    if "$ref" in prop:
+        return f"object ({prop['$ref'].rsplit('/', 1)[-1]})"
+    if "anyOf" in prop:
+        return " or ".join(_type_text(option, defs) for option in prop["anyOf"])
+    if "enum" in prop:
+        return "one of " + ", ".join(str(v) for v in prop["enum"])
+    kind = prop.get("type", "any")
+    if kind == "array":
+        return f"list of {_type_text(prop.get('items', {}), defs)}"
+    if kind == "object" and isinstance(prop.get("additionalProperties"), dict):
+        return f"{{string: {_type_text(prop['additionalProperties'], defs)}}}"
+    return str(kind)
+
+
+def _default_text(model: type[BaseModel], name: str) -> str:
+    info = model.model_fields[name]
+    if info.is_required():
+        return "required"
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json", exclude_defaults=True)
+    return json.dumps(default, ensure_ascii=False) if default not in ({}, None) else ("{}" if default == {} else "null")
+
+
+def fields_markdown() -> str:
+    """The registry field table (``docs/registry-fields.md``), generated from the models like the JSON Schema
+    (``docs/registry.schema.json``); ``scripts/registry_docs.py`` writes both, a test keeps them in sync."""
+    schema = json_schema()
+    defs = schema["$defs"]
+    lines = [
+        "# Registry fields",
+        "",
+        "Generated from `imageworks_core/schema.py` by `scripts/registry_docs.py` (do not edit by hand; the JSON",
+        "Schema beside it is `registry.schema.json`). Layer: `curated` (your decisions), `discovered` (machine facts;",
+        "curated may override one), `curated_only` (never in the discovered overlay).",
+        "",
+        "| field | type | default | layer | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    entry = defs["ModelEntry"]["properties"]
+    for name in ModelEntry.model_fields:
+        prop = entry[name]
+        layer = "both (the key)" if name == "name" else field_layer(name)
+        description = prop.get("description", "").replace("|", "\\|")
+        lines.append(
+            f"| `{name}` | {_type_text(prop, defs)} | `{_default_text(ModelEntry, name)}` | {layer} | {description} |"
+        )
+        ref = prop.get("$ref") or next((o["$ref"] for o in prop.get("anyOf", []) if "$ref" in o), None)
+        if ref:
+            nested_name = ref.rsplit("/", 1)[-1]
+            nested_model = {m.__name__: m for m in (Capabilities, Source, BackendConfig, ChatTemplate, VersionLock)}[
+                nested_name
+            ]
+            for sub, sub_prop in defs[nested_name]["properties"].items():
+                sub_description = sub_prop.get("description", "").replace("|", "\\|")
+                lines.append(
+                    f"| `{name}.{sub}` | {_type_text(sub_prop, defs)} | `{_default_text(nested_model, sub)}` | "
+                    f"{layer} | {sub_description} |"
+                )
+    return "\n".join(lines) + "\n"
