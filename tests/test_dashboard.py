@@ -180,7 +180,8 @@ def test_registry_filters_search_role_capability_backend_and_hidden(root: Settin
     widget(at.selectbox, "Role").set_value("narration")
     assert list(table(run(at))["name"]) == [DEMO_TEXT]
     widget(at.toggle, "Show testing/deprecated").set_value(True)
-    assert list(table(run(at))["name"]) == [DEMO_TEXT, "qwen3-vl-8b-instruct_(FP8)"]
+    # A role filter ranks by that role's priority (qwen3's 5 over demo-text's 0), as selection does.
+    assert list(table(run(at))["name"]) == ["qwen3-vl-8b-instruct_(FP8)", DEMO_TEXT]
     widget(at.selectbox, "Role").set_value("All")
     widget(at.selectbox, "Capability").set_value("tools")
     widget(at.selectbox, "Backend").set_value("openai")

@@ -275,7 +275,12 @@ def lock_section(settings: Settings, entry: ModelEntry, status: EntryStatus) -> 
 
 # Edit metadata ------------------------------------------------------------------------------------------------
 # Widget key suffix of each form field (``edit_<suffix>:<name>``, ``import_<suffix>:<key>``).
-_FIELD_KEYS = {"served_model_id": "served", "role_priority": "priority", "generation_defaults": "generation"}
+_FIELD_KEYS = {
+    "served_model_id": "served",
+    "role_priority": "priority",
+    "role_priorities": "priorities",
+    "generation_defaults": "generation",
+}
 _ARGV_HELP = (
     "One argument per line, or a JSON list of strings. Never a shell string. Placeholders: {model_path} {host} "
     "{port} {served_model_id} {name} {python}."
@@ -307,8 +312,17 @@ def curated_fields(prefix: str, key: str, defaults: dict[str, typing.Any], role_
     v["aliases"] = st.text_area("Aliases (one per line)", value=defaults["aliases"], height=68, key=k("aliases"))
     v["roles"] = st.multiselect("Roles", role_options, default=defaults["roles"], key=k("roles"))
     v["role_priority"] = st.number_input(
-        "Role priority (higher wins)", value=int(defaults["role_priority"]), step=1, key=k("role_priority")
+        "Role priority, every role (higher wins)", value=int(defaults["role_priority"]), step=1, key=k("role_priority")
     )
+    if "role_priorities" in defaults:
+        v["role_priorities"] = st.text_area(
+            "Per-role priorities (role=score per line; replaces the number above)",
+            value=defaults["role_priorities"],
+            height=90,
+            key=k("role_priorities"),
+            help="Selection by role ranks by the score for the role asked (higher wins); a role not listed scores "
+            "0. Leave empty to use the one number above for every role.",
+        )
     v["capabilities"] = st.multiselect(
         "Capabilities", list(CAPABILITY_NAMES), default=defaults["capabilities"], key=k("capabilities")
     )
@@ -400,6 +414,17 @@ def _preview_or_save(
 
 
 # Entry detail -------------------------------------------------------------------------------------------------
+def provenance_section(entry: ModelEntry) -> None:
+    """Licence, family and the free-form provenance object: shown for the operator, never used for decisions."""
+    if not (entry.license or entry.family or entry.metadata):
+        return
+    st.markdown("**Provenance** (kept from the source; informational, never used for decisions)")
+    st.markdown(f"Licence: `{entry.license or '—'}` · Family: `{entry.family or '—'}`")
+    if entry.metadata:
+        with st.expander(f"metadata ({len(entry.metadata)} key{'s' if len(entry.metadata) != 1 else ''})"):
+            st.json(entry.metadata, expanded=True)
+
+
 def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, status: EntryStatus) -> None:
     name = entry.name
     badges = status.badges
@@ -425,6 +450,7 @@ def entry_detail(settings: Settings, registry: Registry, entry: ModelEntry, stat
             st.code(json.dumps(argv, ensure_ascii=False), language="json", wrap_lines=True)
         st.markdown("**Fields** (and the layer each came from)")
         st.dataframe(pd.DataFrame(dd.field_rows(registry, name)), hide_index=True, width="stretch")
+        provenance_section(entry)
         st.markdown("**History**")
         past = dd.entry_history(settings, name)
         for tab, kind in zip(st.tabs(["Verifications", "Probes", "Activations"]), past, strict=True):
@@ -724,6 +750,10 @@ def entries_section(settings: Settings, registry: Registry) -> None:
     )
     hidden = len(registry) - len(entries)
     st.caption(dd.entries_caption(len(entries), hidden))
+    if role != "All":
+        st.caption(
+            f"Ranked for **{role}**: highest role priority for {role} first (then name), the order selection uses."
+        )
     if not names:
         st.info("No entry matches the filters.")
         return

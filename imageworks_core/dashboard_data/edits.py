@@ -92,6 +92,43 @@ def parse_env(text: str) -> dict[str, str]:
     return env
 
 
+def role_priority_text(priority: int | dict[str, int]) -> str:
+    """A per-role priority mapping as the form shows it: ``role=score`` per line (empty for an integer)."""
+    return "" if isinstance(priority, int) else _lines_text(f"{role}={score}" for role, score in priority.items())
+
+
+def parse_role_priorities(text: str) -> dict[str, int]:
+    """Form text to a ``{role: score}`` mapping: ``role=score`` (or ``role: score``) per line, or a JSON object;
+    UsageError naming the line that is neither."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        value = _parse_json_object("role priorities", stripped)
+        bad = [k for k, v in value.items() if type(v) is not int]
+        if bad:
+            raise UsageError(f"role priorities: the score of {bad[0]!r} must be an integer")
+        return value
+    scores: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        role, sep, score = line.replace(":", "=", 1).partition("=")
+        try:
+            scores[role.strip()] = int(score.strip())
+        except ValueError:
+            sep = ""
+        if not sep or not role.strip():
+            raise UsageError(f"role priorities: line {number} {line.strip()!r} is not role=score (an integer score)")
+    return scores
+
+
+def role_priority_from_form(role_priority: int, role_priorities: str | None) -> int | dict[str, int]:
+    """The form's role_priority: the per-role lines when given (a role not listed scores 0), else the number
+    (one priority for every role)."""
+    if role_priorities is not None and role_priorities.strip():
+        return parse_role_priorities(role_priorities)
+    return int(role_priority)
+
+
 def _names(text: str, *, sep: str | None = None) -> list[str]:
     parts = text.split(sep) if sep else text.splitlines()
     return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
@@ -109,7 +146,8 @@ def metadata_defaults(registry: Registry, name: str) -> dict[str, Any]:
         "aliases": _lines_text(entry.model_aliases),
         "roles": list(entry.roles),
         "capabilities": entry.capabilities.enabled(),
-        "role_priority": entry.role_priority,
+        "role_priority": entry.role_priority if isinstance(entry.role_priority, int) else 0,
+        "role_priorities": role_priority_text(entry.role_priority),
         "launch": argv_text(entry.backend_config.launch),
         "extra_args": argv_text(entry.backend_config.extra_args),
         "env": env_text(entry.backend_config.env),
@@ -200,8 +238,12 @@ def metadata_changes(
     profiles: str | None = None,
     testing: bool | None = None,
     deprecated: bool | None = None,
+    role_priorities: str | None = None,
 ) -> dict[str, Any]:
     """The curated fields an Edit-metadata submission changes (only those that differ from the merged entry).
+
+    ``role_priorities`` (``role=score`` lines) replaces the number ``role_priority`` when not blank; clearing it
+    returns the entry to one priority for every role.
 
     Text fields are parsed here (aliases one per line, profiles comma-separated, launch / extra_args as a JSON
     list or one argument per line, env as KEY=VALUE lines or a JSON object); a syntax error raises UsageError
@@ -230,8 +272,9 @@ def metadata_changes(
     enabled = list(capabilities)
     if set(enabled) != set(entry.capabilities.enabled()):
         changes["capabilities"] = capability_changes(registry, name, enabled)
-    if int(role_priority) != entry.role_priority:
-        changes["role_priority"] = int(role_priority)
+    new_priority = role_priority_from_form(role_priority, role_priorities)
+    if new_priority != entry.role_priority:
+        changes["role_priority"] = new_priority
     if new_backend_config != current_config:
         changes["backend_config"] = new_backend_config
     if new_generation != entry.generation_defaults:
@@ -420,6 +463,7 @@ def import_defaults(candidate: ImportCandidate) -> dict[str, Any]:
         "aliases": "",
         "roles": [],
         "role_priority": 0,
+        "role_priorities": "",
         "capabilities": ["text"],
         "launch": "",
         "extra_args": "",
@@ -442,6 +486,7 @@ def import_changes(
     download_path: str | None = None,
     aliases: str = "",
     role_priority: int = 0,
+    role_priorities: str = "",
     launch: str = "",
     extra_args: str = "",
     env: str = "",
@@ -472,8 +517,9 @@ def import_changes(
     if _names(aliases):
         changes["model_aliases"] = _names(aliases)
     changes["roles"] = list(dict.fromkeys(r.strip() for r in roles if r.strip()))
-    if int(role_priority):
-        changes["role_priority"] = int(role_priority)
+    priority = role_priority_from_form(role_priority, role_priorities)
+    if priority:
+        changes["role_priority"] = priority
     changes["capabilities"] = {c: c in wanted for c in CAPABILITY_NAMES if c in wanted or c == "text"}
     if config:
         changes["backend_config"] = config
