@@ -238,3 +238,15 @@ def test_an_integer_priority_means_every_role_and_ties_break_by_name(fresh: Sett
     assert RegistryEntry.from_model(b, settings=fresh).role_priority == {"caption": 50, "keywords": 50}
     with pytest.raises(Exception, match="fractional part"):
         b.model_validate({"name": "x", "role_priority": {"caption": 1.5}})
+
+
+def test_show_prints_licence_family_and_provenance_and_cuts_long_values(fresh: Settings, cli) -> None:
+    imported("upstream_roles", fresh)
+    text = cli("show", "qwen25vl_8.3b_(Q4_K_M)").out
+    assert "role_priority.caption" in text and "metadata.ollama_parameter_size  " in text
+    assert "provenance (kept from the source, never used for decisions): license -, family qwen2.5vl-7b" in text
+    licence_row = next(line for line in text.splitlines() if line.startswith("metadata.ollama_license"))
+    assert licence_row.rstrip().endswith("discovered") and "…" in licence_row
+    assert max(len(line) for line in text.splitlines()) < 250  # one long value no longer widens every row
+    full = json.loads(cli("show", "qwen25vl_8.3b_(Q4_K_M)", "--json").out)["entry"]["metadata"]["ollama_license"]
+    assert full.startswith("\n") and "TERMS AND CONDITIONS" in full
