@@ -33,6 +33,11 @@ def _cuda_devices(settings: Settings, entry: ModelEntry) -> list[int] | None:
         return None  # GPU UUIDs: cannot map to NVML indexes cheaply, check every GPU
 
 
+def tensor_parallel_size(argv: list[str]) -> int:
+    """How many GPUs a launch spreads over: its ``--tensor-parallel-size`` / ``-tp`` (1 when absent)."""
+    return _tensor_parallel(argv)
+
+
 def _tensor_parallel(argv: list[str]) -> int:
     for flag in ("--tensor-parallel-size", "-tp"):
         if flag in argv[:-1]:

@@ -14,7 +14,7 @@ from typing import Any
 from .. import gpu
 from ..audit import log_event
 from ..errors import BackendError, ImageWorksError
-from ..registry import load_registry
+from ..registry import Registry, load_registry
 from ..schema import ModelEntry
 from ..settings import Settings
 from .activate import record_stop, unreadable_state_error
@@ -35,14 +35,15 @@ def is_serving(settings: Settings, name: str) -> bool:
     return identify(state)[0] is not None
 
 
-def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | None:
+def current(settings: Settings, *, check_health: bool = True, registry: Registry | None = None) -> ActiveStatus | None:
     """The active backend with liveness, health, uptime and GPU figures; None when nothing is recorded.
 
     When the recorded leader is gone, processes its launch left running are reported (status ``failed``,
     ``leftover_pids``, the state kept for ``activate-model --stop``); with nothing of ours left the state is
     returned once as ``stale`` and removed. A ``failed`` state is kept (it says why the last activation failed)
     until the next activation or stop. An unreadable state file is a BackendError (removed first when the port
-    is free).
+    is free). ``registry`` is where the entry's health path comes from (a fleet node holds no registry: the
+    entry travels with the call); by default the files on disk are loaded.
     """
     state, problem = read_state_lenient(settings)
     if state is None:
@@ -63,11 +64,11 @@ def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | 
 
     proc, why = identify(state)
     if proc is None:
-        return _without_leader(settings, state, why, check_health)
+        return _without_leader(settings, state, why, check_health, registry)
 
     healthy, detail = None, ""
     if check_health:
-        entry = _entry_or_none(settings, state.name)
+        entry = _entry_or_none(settings, state.name, registry)
         with health_client(entry) as client:
             healthy, detail = check_ready(
                 client, server_root(state.host, state.port), health_path(settings, entry), state.served_model_id
@@ -89,10 +90,10 @@ def current(settings: Settings, *, check_health: bool = True) -> ActiveStatus | 
     )
 
 
-def _entry_or_none(settings: Settings, name: str) -> ModelEntry | None:
+def _entry_or_none(settings: Settings, name: str, registry: Registry | None = None) -> ModelEntry | None:
     """The entry as the registry has it now; None when it is gone or the registry does not load."""
     try:
-        return load_registry(settings=settings).get(name)
+        return (registry or load_registry(settings=settings)).get(name)
     except ImageWorksError:
         return None
 
@@ -105,7 +106,9 @@ def _status(state: ActiveState, **fields: Any) -> ActiveStatus:
     return ActiveStatus(**{**state.model_dump(include=_FROM_STATE), **fields}, state=state)
 
 
-def _without_leader(settings: Settings, state: ActiveState, why: str, check_health: bool) -> ActiveStatus:
+def _without_leader(
+    settings: Settings, state: ActiveState, why: str, check_health: bool, registry: Registry | None = None
+) -> ActiveStatus:
     """current() for a state whose leader is not (or no longer) our process. Finds, never signals."""
     if state.status == "failed":
         leftovers = sorted(p.pid for p in processes_of(state))
@@ -121,7 +124,7 @@ def _without_leader(settings: Settings, state: ActiveState, why: str, check_heal
         if latest != state:
             lock.release()
             lock = None
-            return current(settings, check_health=check_health)
+            return current(settings, check_health=check_health, registry=registry)
         leftovers = sorted(p.pid for p in processes_of(state))
         if leftovers:
             return _status(
