@@ -23,6 +23,7 @@ EXIT_UNKNOWN_NAME = 4
 EXIT_CAPABILITY = 5
 EXIT_BACKEND = 6
 EXIT_WEIGHTS = 7
+EXIT_FLEET = 8
 EXIT_USAGE = 64
 
 
@@ -38,6 +39,18 @@ class ImageWorksError(Exception):
     def lines(self) -> list[str]:
         """The error as printable lines (one per problem)."""
         return [self.message]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries intact (a fleet node's error reaches the controller through Ray's
+        # pickling): the class, its message and its attributes, without calling a subclass's own __init__.
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[ImageWorksError], args: tuple[object, ...], state: dict[str, object]) -> ImageWorksError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class UsageError(ImageWorksError):
@@ -178,6 +191,31 @@ class DownloadCancelled(ImageWorksError):
     history records it as ``cancelled``, not ``failed``."""
 
 
+class FleetError(ImageWorksError):
+    """Fleet mode cannot do what was asked (exit 8): Ray missing or unreachable, no node can take the model, a
+    node or its agent is gone."""
+
+    exit_code = EXIT_FLEET
+
+
+class FleetUnavailable(FleetError):
+    """Fleet mode was asked for but cannot start: the ``fleet`` extra (Ray) is not installed, or no Ray cluster
+    answers at the configured address."""
+
+
+class PlacementError(FleetError):
+    """No node can take the model (unknown node, no room under ``max_models``, too few free GPUs or too little GPU
+    memory, weights absent there); the message gives each node's reason."""
+
+
+class SlotLost(FleetError):
+    """The node serving a slot died, or its agent stopped answering; ``node`` names it."""
+
+    def __init__(self, message: str, *, node: str = "") -> None:
+        super().__init__(message)
+        self.node = node
+
+
 class UnknownRevisionError(UnknownModelError):
     """No registry revision has the requested number (exit 4 and HTTP 404, like an unknown name)."""
 
@@ -192,6 +230,9 @@ RETRY_AFTER_S = 5
 
 STATUS_FOR: list[tuple[type[Exception], int]] = [
     (SwitchInProgress, 503),
+    (SlotLost, 503),
+    (PlacementError, 409),
+    (FleetError, 503),
     (FilteredModelError, 404),
     (UnknownModelError, 404),
     (CapabilityError, 409),
