@@ -1,0 +1,95 @@
+"""HTTP to a slot's backend through its node agent: the backend listens on its node's loopback only.
+
+The controller (the API's proxy) never opens a connection to a backend: it asks the node's agent, over Ray,
+to make the request on that node's loopback and hand back the answer (:func:`request`, whole) or its chunks
+as they come (:func:`stream`, for ``stream: true``). So no backend port is ever reachable from the network,
+and every request the fleet serves has passed the API's own checks (Host, Origin, token, body limits) first.
+
+Adversary: whoever can call Ray in the cluster can call the agent, and so every backend (see the package
+docstring: the Ray cluster itself is the trust boundary). Hop-by-hop headers and ``Host`` are not forwarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import httpx
+from pydantic import BaseModel, Field
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+"""Headers that describe one connection, not the request: never forwarded in either direction."""
+FORWARD_TIMEOUT_S = 600.0
+"""Default bound on one forwarded request (a long generation); the caller may give its own."""
+STREAM_CHUNK_BYTES = 64 * 1024
+
+
+class ForwardResponse(BaseModel):
+    """A backend's answer (``body`` empty for the head of a stream)."""
+
+    status: int
+    headers: list[tuple[str, str]] = Field(default_factory=list)
+    body: bytes = b""
+
+
+def _clean(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+def _client(timeout_s: float) -> httpx.Client:
+    # Loopback only, plain HTTP: no proxy from the environment, no TLS context to build.
+    return httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False, verify=False)
+
+
+def _url(port: int, path: str) -> str:
+    return f"http://127.0.0.1:{port}/{path.lstrip('/')}"
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout_s: float = FORWARD_TIMEOUT_S,
+) -> ForwardResponse:
+    """Make the request on this machine's loopback and return the whole answer (502 when the backend does not
+    answer: the body says why)."""
+    try:
+        with _client(timeout_s) as client:
+            answer = client.request(method, _url(port, path), headers=_clean(headers), content=body)
+    except httpx.HTTPError as exc:
+        return ForwardResponse(status=502, body=f"backend on port {port} did not answer: {exc}".encode())
+    return ForwardResponse(status=answer.status_code, headers=_clean(answer.headers.multi_items()), body=answer.content)
+
+
+def stream(
+    port: int,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout_s: float = FORWARD_TIMEOUT_S,
+) -> Iterator[ForwardResponse | bytes]:
+    """Make the request and yield its head (a :class:`ForwardResponse` without body), then its body's chunks."""
+    try:
+        with (
+            _client(timeout_s) as client,
+            client.stream(method, _url(port, path), headers=_clean(headers), content=body) as answer,
+        ):
+            yield ForwardResponse(status=answer.status_code, headers=_clean(answer.headers.multi_items()))
+            yield from answer.iter_raw(STREAM_CHUNK_BYTES)
+    except httpx.HTTPError as exc:
+        yield ForwardResponse(status=502, body=f"backend on port {port} did not answer: {exc}".encode())
