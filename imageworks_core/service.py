@@ -28,6 +28,7 @@ from .settings import Settings, get_settings
 
 if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing the registry stays fast
     from .discovery import DiscoveredUpdate, DownloadOutcome
+    from .fleet import Fleet
     from .hashing import Algorithm, ProgressCallback
     from .legacy import ImportReport
     from .probe import ProbeResult
@@ -138,8 +139,11 @@ class ImageWorks:
       offline), both recorded in the discovered overlay.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, ray_address: str | None = None) -> None:
         self.settings = settings or get_settings()
+        self._ray_address = ray_address  # None: IMAGEWORKS_RAY_ADDRESS decides (see fleet_address)
+        self._fleet: Fleet | None = None
+        self._fleet_guard = threading.Lock()
         self._lock = threading.Lock()
         self._registry: Registry | None = None
         self._error: RegistryError | None = None
@@ -153,6 +157,29 @@ class ImageWorks:
         with self._first_load:  # concurrent first users wait for the one load instead of seeing none
             if not self._loaded:
                 self._load(force=True, audited=False)
+
+    # Fleet mode ----------------------------------------------------------------------------------------------
+    @property
+    def fleet_address(self) -> str | None:
+        """The Ray cluster this service runs models on (``ray_address``, else ``IMAGEWORKS_RAY_ADDRESS``); None
+        in single-box mode. Reading it never imports Ray."""
+        from .fleet.config import ray_address
+
+        return ray_address(self._ray_address)
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """The fleet (:class:`imageworks_core.fleet.Fleet`, joined on first use, entries from this service's last
+        good registry); None in single-box mode. FleetUnavailable (exit 8) when Ray is missing or unreachable."""
+        address = self.fleet_address
+        if address is None:
+            return None
+        with self._fleet_guard:
+            if self._fleet is None:
+                from .fleet import Fleet
+
+                self._fleet = Fleet.connect(self.settings, address, registry=lambda: self.registry)
+            return self._fleet
 
     # The registry --------------------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from . import (
     api_cmds,  # noqa: F401
+    fleet_cmds,  # noqa: F401
     probe_cmds,  # noqa: F401
     registry_cmds,  # noqa: F401
     runtime_cmds,  # noqa: F401

@@ -12,10 +12,12 @@ import typer
 
 from ..errors import UsageError
 from ..gpu import NO_GPU_MESSAGE
-from .app import JsonOpt, RootOpt, app, echo_json, service_for
+from .app import JsonOpt, RootOpt, app, echo_json
+from .fleet_cmds import RayAddressOpt, gpu_list, require_fleet, service_with_fleet, slot_lines, stop_lines
 
 if TYPE_CHECKING:
     from .. import runtime
+    from ..service import ImageWorks
 
 SPINNER_FRAMES = "|/-\\"
 SPINNER_INTERVAL_S = 0.1
@@ -87,14 +89,32 @@ def activate_model_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Activate a locked entry whose weights drifted (audited).")
     ] = False,
+    node: Annotated[
+        str | None, typer.Option("--node", help="Fleet mode: the node to run on (name or id; default: least loaded).")
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", min=0, help="Fleet mode: GPUs to give the model (default: what its launch asks for)."),
+    ] = None,
     as_json: JsonOpt = False,
+    ray_address: RayAddressOpt = None,
     root: RootOpt = None,
 ) -> None:
     """Start NAME's backend on the single port (stopping the current one), or stop it with --stop.
 
-    Exit codes: 6 backend failure (log tail printed), 2 locked weights drifted, 7 weights missing, 4 unknown name.
+    In fleet mode (--ray-address or IMAGEWORKS_RAY_ADDRESS) NAME starts in a new slot beside the others, on
+    --node or the least loaded node holding its weights, with --gpus GPUs; --stop stops every slot, or
+    --stop NAME (a model or slot id) one.
+
+    Exit codes: 6 backend failure (log tail printed), 2 locked weights drifted, 7 weights missing, 4 unknown name,
+    8 fleet mode unavailable or no node can take the model.
     """
-    service = service_for(root)
+    service = service_with_fleet(root, ray_address)
+    if service.fleet_address is not None:
+        _activate_in_fleet(service, name, stop, node, gpus, timeout, force, as_json)
+        return
+    if node is not None or gpus is not None:
+        raise UsageError("--node and --gpus need fleet mode: set IMAGEWORKS_RAY_ADDRESS or pass --ray-address")
     if stop == (name is not None):
         raise UsageError("give a model NAME to activate, or --stop (not both)")
     if stop:
@@ -126,6 +146,40 @@ def activate_model_cmd(
         + (f", ready in {ready_in:.2f}s)" if ready_in is not None else ")")
     )
     typer.echo(f"log: {state.log_path}")
+
+
+def _activate_in_fleet(
+    service: ImageWorks,
+    name: str | None,
+    stop: bool,
+    node: str | None,
+    gpus: int | None,
+    timeout: float | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    fleet = require_fleet(service)
+    if stop:
+        results = fleet.stop(name, reason="activate-model --stop")
+        if as_json:
+            echo_json(results)
+        else:
+            typer.echo("\n".join(stop_lines(results, name)))
+        return
+    if name is None:
+        raise UsageError("give a model NAME to activate, or --stop [NAME]")
+    with Spinner(f"activating {name}") as spinner:
+        slot = fleet.activate(name, node=node, gpus=gpus, timeout_s=timeout, force=force, on_progress=spinner)
+    if as_json:
+        echo_json(slot.model_dump(mode="json"))
+        return
+    ready_in = (slot.ready_at - slot.started_at).total_seconds() if slot.ready_at and slot.started_at else None
+    typer.echo(
+        f"{slot.name} ready on node {slot.node_name} (slot {slot.slot_id}, GPUs {gpu_list(slot.gpus, slot.members)}, "
+        f"port {slot.port} on the node's loopback, served id {slot.served_model_id}"
+        + (f", ready in {ready_in:.2f}s)" if ready_in is not None else ")")
+    )
+    typer.echo(f"log: {slot.log_path} (on node {slot.node_name})")
 
 
 def _status_lines(status: runtime.ActiveStatus) -> list[str]:
@@ -175,10 +229,20 @@ def _status_lines(status: runtime.ActiveStatus) -> list[str]:
 def current_model_cmd(
     no_health: Annotated[bool, typer.Option("--no-health", help="Skip the health request.")] = False,
     as_json: JsonOpt = False,
+    ray_address: RayAddressOpt = None,
     root: RootOpt = None,
 ) -> None:
-    """Show the active backend: name, endpoint, uptime, status, health and GPU memory (stale state is cleaned)."""
-    service = service_for(root)
+    """Show the active backend: name, endpoint, uptime, status, health and GPU memory (stale state is cleaned).
+
+    In fleet mode: every slot (node, GPUs, port, model, status, uptime); lost and failed slots say why."""
+    service = service_with_fleet(root, ray_address)
+    if service.fleet_address is not None:
+        slots = require_fleet(service).slots(check_health=not no_health)
+        if as_json:
+            echo_json([slot.model_dump(mode="json") for slot in slots])
+        else:
+            typer.echo("\n".join(slot_lines(slots)))
+        return
     status = service.current(check_health=not no_health)
     if as_json:
         echo_json(status.model_dump(mode="json") if status else None)
