@@ -9,147 +9,22 @@ leaks. The cluster is shared by the module; each test stops every slot when it e
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from conftest import REPO, require, seed_root, wait_until
+from conftest import REPO, seed_root, wait_until
+from fleet_rig import FAKE_GPUS, FAKE_PYNVML, GIB, FleetRig, demo_entry, fleet_on_loopback, marked_processes
 
 from imageworks_core import verification
-from imageworks_core.settings import Settings
-from imageworks_demo.launch import demo_launch
 
 pytestmark = pytest.mark.fleet
-
-MARKER = "IMAGEWORKS_FLEET_TEST"
-GIB = 2**30
-FAKE_GPUS = [
-    {"name": "Fake A100", "total": 24 * GIB, "used": 4 * GIB},
-    {"name": "Fake A100", "total": 24 * GIB, "used": 2 * GIB},
-]
-# The fake NVML binding: a test double the n2 node's workers import instead of nvidia-ml-py's pynvml.
-FAKE_PYNVML = """
-import json, os
-from types import SimpleNamespace
-
-NVML_TEMPERATURE_GPU = 0
-
-
-class NVMLError(Exception):
-    pass
-
-
-def _devices():
-    return json.loads(os.environ["IMAGEWORKS_TEST_FAKE_NVML"])
-
-
-def nvmlInit():
-    pass
-
-
-def nvmlShutdown():
-    pass
-
-
-def nvmlDeviceGetCount():
-    return len(_devices())
-
-
-def nvmlDeviceGetHandleByIndex(index):
-    return _devices()[index]
-
-
-def nvmlDeviceGetName(handle):
-    return handle["name"]
-
-
-def nvmlDeviceGetMemoryInfo(handle):
-    return SimpleNamespace(total=handle["total"], used=handle["used"], free=handle["total"] - handle["used"])
-
-
-def nvmlDeviceGetUtilizationRates(handle):
-    return SimpleNamespace(gpu=0)
-
-
-def nvmlDeviceGetTemperature(handle, sensor):
-    return 40
-
-
-def nvmlDeviceGetComputeRunningProcesses(handle):
-    return []
-
-
-def nvmlDeviceGetGraphicsRunningProcesses(handle):
-    return []
-"""
-
-
-def demo_entry(name: str, served: str, *flags: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "backend": "vllm",
-        "served_model_id": served,
-        "capabilities": {"text": True},
-        "download_path": "demo/models/imageworks-demo-vision",
-        "backend_config": {"launch": demo_launch(*flags), "startup_timeout_s": 30, "env": {MARKER: "1"}},
-        **fields,
-    }
-
-
-def marked_processes() -> list[psutil.Process]:
-    """Every live process started for these tests (by the marker in its environment)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(MARKER) and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def start_cluster(tmp: Path, nodes: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
-    """A Ray cluster on loopback: the head plus ``nodes`` (name -> add_node arguments)."""
-    from ray.cluster_utils import Cluster
-
-    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={**common, "node_name": "head"})
-    for name, extra in nodes.items():
-        cluster.add_node(**common, node_name=name, **extra)
-    cluster.wait_for_nodes()
-    import ray
-
-    ray.init(address=cluster.address, namespace="imageworks", log_to_driver=False, logging_level="WARNING")
-    return ray, cluster
-
-
-class FleetRig:
-    """The module's cluster: its address, the controller root, each node's root, and a Fleet."""
-
-    def __init__(self, address: str, settings: Settings, roots: dict[str, Path]) -> None:
-        from imageworks_core.fleet import Fleet
-
-        self.address = address
-        self.settings = settings
-        self.roots = roots
-        self.fleet = Fleet.connect(settings, address)
-
-    def cli_args(self, *args: str) -> list[str]:
-        return [*args, "--ray-address", self.address, "--root", str(self.settings.root)]
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRig]:
-    require(importlib.util.find_spec("ray") is not None, "ray is not installed (make bootstrap: uv sync --extra fleet)")
-    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "IMAGEWORKS_RAY_ADDRESS")}
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # else Ray rewrites 127.0.0.1 to the machine's address
-    os.environ.pop("IMAGEWORKS_RAY_ADDRESS", None)
     tmp = tmp_path_factory.mktemp("fleet")
     settings = seed_root(tmp / "controller")
     roots = {name: tmp / name for name in ("head", "n2", "n3")}
@@ -180,29 +55,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRig]:
     fake = tmp / "fake-nvml"
     fake.mkdir()
     (fake / "pynvml.py").write_text(FAKE_PYNVML)
-    ray, cluster = start_cluster(
-        tmp,
-        {
-            "n2": {"env_vars": {"PYTHONPATH": str(fake), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}},
-            "n3": {"num_gpus": 2},
-        },
-    )
-    rig = FleetRig(cluster.address, settings, roots)
-    try:
+    nodes = {
+        "n2": {"env_vars": {"PYTHONPATH": str(fake), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}},
+        "n3": {"num_gpus": 2},
+    }
+    with fleet_on_loopback(settings, roots, nodes) as (rig, _cluster):
         yield rig
-    finally:
-        try:
-            rig.fleet.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            for proc in marked_processes():
-                proc.kill()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @pytest.fixture

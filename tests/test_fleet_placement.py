@@ -3,6 +3,7 @@ errors, a slot's own runtime files, and single-box mode never importing Ray (the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, require
 
 from imageworks_core.errors import ActivationError, PlacementError, SlotLost
 from imageworks_core.fleet.config import FleetConfig, load_fleet_config, node_download_path
@@ -208,3 +209,22 @@ def test_single_box_front_ends_never_import_ray(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_uv_run_driver_does_not_ship_the_checkout_to_fleet_workers(tmp_path: Path) -> None:
+    """Under `uv run` (make test, `uv run imageworks-models ...`) Ray would package the current directory and start
+    every worker with `uv run` in a copy of it, which times out offline; import_ray keeps that off unless asked."""
+    require(importlib.util.find_spec("ray") is not None, "ray is not installed (make bootstrap: uv sync --extra fleet)")
+    code = (
+        "import os\n"
+        "from imageworks_core.fleet.cluster import import_ray\n"
+        "import_ray()\n"
+        "from ray._private import ray_constants\n"
+        "print(ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    run = lambda extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], cwd=REPO, env={**env, **extra}, capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    assert run({}) == "False"
+    assert run({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "1"}) == "True"  # the operator's explicit choice stands

@@ -12,6 +12,7 @@ node id (:func:`agent_name`), which is unique for the life of that node's raylet
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from types import ModuleType
 from typing import Any
@@ -25,17 +26,28 @@ DIRECTORY_NAME = "imageworks-directory"
 """The detached actor on the head node that keeps each node's last published slot table."""
 CONNECT_CHECK_TIMEOUT_S = 3.0
 """How long an explicit ``host:port`` gets to accept a TCP connection before we call it unreachable."""
+UV_HOOK_ENV = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"
+"""Ray's switch for shipping a ``uv run`` driver's project to every worker; we keep it off (see :func:`import_ray`)."""
 INSTALL_HINT = (
     "fleet mode needs the optional extra: uv sync --extra fleet (or pip install 'imageworks-model-loader[fleet]')"
 )
 
 
 def import_ray() -> ModuleType:
-    """The ``ray`` module; FleetUnavailable naming the extra when it is not installed."""
+    """The ``ray`` module; FleetUnavailable naming the extra when it is not installed.
+
+    A driver started under ``uv run`` (``make test``, ``uv run imageworks-models fleet``) would otherwise have Ray
+    package the current directory and start every worker with ``uv run`` in a copy of it: a fresh environment
+    synced per node, which fails or times out offline. A node's agent runs in the installation its ``ray start``
+    came from, so the hook stays off unless the operator sets :data:`UV_HOOK_ENV` themselves."""
+    os.environ.setdefault(UV_HOOK_ENV, "0")
     try:
         import ray
+        from ray._private import ray_constants
     except ImportError as exc:
         raise FleetUnavailable(f"{INSTALL_HINT} ({exc})") from exc
+    # Ray reads the switch when it is first imported; a process that imported it earlier follows the variable too.
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = os.environ[UV_HOOK_ENV].lower() in ("1", "true")
     return ray
 
 

@@ -32,6 +32,9 @@ from .slots import GpuSlotView, NodeInfo, SlotInfo
 
 AGENT_CALL_TIMEOUT_S = 3.0
 """A status, offer or stop-of-nothing call to an agent; no answer within it means the node is lost."""
+AGENT_START_TIMEOUT_S = 60.0
+"""A node's agent just created: how long its worker gets to start and answer its first call (a Python process
+importing our package, on a busy box)."""
 AGENT_CONCURRENCY = 32
 """Calls one agent serves at once (starts run for minutes; status and traffic must not wait behind them)."""
 ACTIVATE_MARGIN_S = 120.0
@@ -157,6 +160,26 @@ class Fleet:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(node_id, name, node.root, int((row.get("Resources") or {}).get("GPU", 0)))
 
+    def _agents(self, rows: Sequence[dict[str, Any]], config: FleetConfig) -> dict[str, Any]:
+        """The agents of the alive, answering ``rows`` by node id; agents created here are waited for until they
+        answer (up to :data:`AGENT_START_TIMEOUT_S`), so their first real call is not mistaken for a lost node."""
+        agents, created = {}, []
+        for row in rows:
+            if not row.get("Alive") or self._silence(row["NodeID"]):
+                continue
+            agent = self._existing_agent(row["NodeID"])
+            if agent is None:
+                agent = self._agent(row, config)
+                created.append((row, agent.ping.remote()))
+            agents[row["NodeID"]] = agent
+        for row, ref in created:
+            try:
+                self._call(ref, AGENT_START_TIMEOUT_S, self._name(row))
+            except SlotLost as exc:
+                self._silenced(row["NodeID"], exc.message)
+                agents.pop(row["NodeID"], None)
+        return agents
+
     def _directory(self, rows: Sequence[dict[str, Any]]) -> Any:
         """The directory actor on the head node (created on first use)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -195,7 +218,7 @@ class Fleet:
         config = self.config()
         rows = self._rows()
         self._directory(rows)
-        return {row["NodeID"]: self._agent(row, config) for row in rows if row.get("Alive")}
+        return self._agents(rows, config)
 
     # What runs -------------------------------------------------------------------------------------------
     def slots(self, *, check_health: bool = False) -> list[SlotInfo]:
@@ -237,11 +260,13 @@ class Fleet:
         config = self.config()
         rows = self._rows()
         _directory, tables = self._tables(rows)
+        agents = self._agents(rows, config)
         asked = []
         for row in rows:
             if row.get("Alive"):
-                silent = self._silence(row["NodeID"])
-                asked.append((row, silent or self._agent(row, config).describe.remote()))
+                agent = agents.get(row["NodeID"])
+                why = self._silence(row["NodeID"]) or f"the agent on node {self._name(row)} did not start"
+                asked.append((row, why if agent is None else agent.describe.remote()))
         infos: list[NodeInfo] = []
         deadline = time.monotonic() + AGENT_CALL_TIMEOUT_S
         for row, ref in asked:
@@ -304,8 +329,9 @@ class Fleet:
         return mapped.model_dump(mode="json")
 
     def _offers(self, entry: ModelEntry, config: FleetConfig) -> tuple[list[NodeOffer], dict[str, Any]]:
-        rows = [r for r in self._rows() if r.get("Alive") and self._silence(r["NodeID"]) is None]
-        agents = {r["NodeID"]: self._agent(r, config) for r in rows}
+        rows = self._rows()
+        agents = self._agents(rows, config)
+        rows = [r for r in rows if r["NodeID"] in agents]
         asked = []
         for row in rows:
             name = self._name(row)
@@ -490,11 +516,15 @@ class Fleet:
         if target is None:
             for row in rows:  # reservations without a leader, and dead nodes' empty tables
                 if row.get("Alive"):
-                    agent = self._existing_agent(row["NodeID"])
-                    if agent is not None:
+                    agent = None if self._silence(row["NodeID"]) else self._existing_agent(row["NodeID"])
+                    if agent is None:
+                        continue
+                    try:
                         self._call(
                             agent.stop.remote(None, reason=reason or "fleet stop"), STOP_CALL_TIMEOUT_S, self._name(row)
                         )
+                    except SlotLost as exc:  # its slots were listed as lost above and are forgotten
+                        self._silenced(row["NodeID"], exc.message)
                 elif row["NodeID"] in tables:
                     directory.drop.remote(row["NodeID"])
         for record in results:
@@ -575,7 +605,10 @@ class Fleet:
         for row in self._rows():
             agent = self._existing_agent(row["NodeID"]) if row.get("Alive") else None
             if agent is not None:
-                self.ray.kill(agent, no_restart=True)
+                try:
+                    self.ray.kill(agent, no_restart=True)
+                except Exception:  # an agent already gone has nothing left to end
+                    continue
         try:
             self.ray.kill(self.ray.get_actor(cluster.DIRECTORY_NAME, namespace=cluster.NAMESPACE), no_restart=True)
         except ValueError:
