@@ -1,5 +1,9 @@
 """Models → Active Model: the single-port backend's status, start / switch / stop / cancel, GPUs, host, history, log.
 
+In fleet mode (``IMAGEWORKS_RAY_ADDRESS`` set for the dashboard) the page shows the fleet instead: nodes (GPUs,
+per-GPU memory, slots / max_models) and slots (node, GPUs, port, model, status, uptime) with Stop per slot, and a
+Start with an entry, an optional node and GPU count (``dashboard_data.fleet``), refreshed by its own fragment.
+
 Every control and banner derives from the current state (``dashboard_data.active.active_view``: the state file,
 the activation in progress, health), re-read each second by the live fragment; when it changes, the whole page
 re-renders, so a page left open follows the CLI, the API and other operators. A start runs in the background
@@ -12,10 +16,12 @@ import streamlit as st
 import ui
 
 from imageworks_core import dashboard_data as dd
-from imageworks_core.dashboard_data import active
+from imageworks_core.dashboard_data import active, fleet
 from imageworks_core.settings import Settings
 
 SIGNATURE_KEY = "active_signature"
+FLEET_SIGNATURE_KEY = "fleet_signature"
+FLEET_MESSAGE_KEY = "fleet_message"
 
 
 # Live panels ----------------------------------------------------------------------------------------------------
@@ -211,25 +217,140 @@ def controls(names: list[str] | None, view: active.ActiveView) -> None:
     right.button("Stop", icon=":material/stop:", disabled=not view.can_stop, on_click=_ask, args=("stop", view.name))
 
 
+# Fleet mode ------------------------------------------------------------------------------------------------------
+def _stop_slot(settings: Settings, slot_id: str) -> None:
+    try:
+        st.session_state[FLEET_MESSAGE_KEY] = ("success", fleet.stop_slot(settings, slot_id))
+    except Exception as exc:  # shown as an error, never a traceback
+        st.session_state[FLEET_MESSAGE_KEY] = ("error", exc)
+
+
+def _start_in_fleet(settings: Settings) -> None:
+    name = st.session_state.get("fleet_model_target")
+    gpus = st.session_state.get("fleet_gpus")
+    try:
+        fleet.start_in_fleet(
+            settings,
+            str(name),
+            node=st.session_state.get("fleet_node_target"),
+            gpus=None if gpus is None else int(gpus),
+        )
+    except Exception as exc:  # already starting, or the cluster cannot be reached
+        st.session_state[FLEET_MESSAGE_KEY] = ("error", exc)
+
+
+def fleet_controls(settings: Settings, names: list[str] | None, view: fleet.FleetView) -> None:
+    """Entry picker, node picker and GPU count, and Start (in the background: the live view shows its phase)."""
+    if names is None:
+        st.info("No model can be started while the registry cannot be read (problems above); Stop still works.")
+        return
+    if not names:
+        st.info("No process-backed entry (vllm / lmdeploy) to start: remote entries need no activation.")
+        return
+    model, node, gpus = st.columns([3, 2, 1])
+    model.selectbox("Model to start in the fleet", names, key="fleet_model_target")
+    node.selectbox("Node", [fleet.ANY_NODE, *view.alive_nodes], key="fleet_node_target")
+    gpus.number_input("GPUs", min_value=0, step=1, value=None, placeholder="as launched", key="fleet_gpus")
+    st.button(
+        "Start",
+        type="primary",
+        icon=":material/play_arrow:",
+        disabled=view.error is not None,
+        on_click=_start_in_fleet,
+        args=(settings,),
+        key="fleet_start",
+    )
+
+
+def slot_table(settings: Settings, view: fleet.FleetView) -> None:
+    """One row per slot, each with its Stop (Forget for a lost slot)."""
+    slots = view.slots
+    if not slots:
+        st.caption("No model runs in the fleet. Pick one above and start it.")
+        return
+    widths = [2, 1, 1, 1, 2, 3, 1, 1]
+    for column, title in zip(st.columns(widths), [*fleet.slot_row(slots[0]), ""], strict=True):
+        column.markdown(f"**{title}**")
+    for slot in slots:
+        with st.container(key=f"fleet_slot_{slot.slot_id}"):
+            columns = st.columns(widths, vertical_alignment="center")
+            for column, value in zip(columns, fleet.slot_row(slot).values(), strict=False):
+                column.write(value)
+            columns[-1].button(
+                fleet.slot_action(slot),
+                key=f"fleet_stop_{slot.slot_id}",
+                icon=":material/stop:",
+                on_click=_stop_slot,
+                args=(settings, slot.slot_id),
+            )
+
+
+@st.fragment(run_every=fleet.FLEET_REFRESH_S)
+def live_fleet(settings: Settings) -> None:
+    view = fleet.fleet_view(settings)
+    if view.signature != st.session_state.get(FLEET_SIGNATURE_KEY):
+        st.rerun(scope="app")  # the node picker must change too
+    message = st.session_state.pop(FLEET_MESSAGE_KEY, None)
+    if message is not None:
+        kind, body = message
+        if kind == "error":
+            ui.show_error(body, "Fleet action")
+        else:
+            st.success(body)
+    for start in fleet.fleet_starts(settings):
+        if start.running:
+            st.info(start.text(), icon="⏳")
+        elif start.error is not None:
+            st.error(start.text())
+        else:
+            st.success(start.text())
+    if view.error is not None:
+        st.error(f"**The fleet cannot be read:** {view.error}")
+        return
+    st.subheader("Nodes")
+    st.table(fleet.node_rows(view.nodes))
+    st.subheader("Slots")
+    slot_table(settings, view)
+
+
+def fleet_page(settings: Settings) -> None:
+    """Fleet mode: the nodes and slots of the Ray cluster with start and stop per slot (the single port is not
+    used: the API routes each model to the slot serving it)."""
+    registry = ui.registry(settings, required=False)
+    view = fleet.fleet_view(settings)
+    st.session_state[FLEET_SIGNATURE_KEY] = view.signature
+    st.caption(f"Fleet mode: Ray cluster at `{view.address}`. Each model runs in a slot (node + GPUs + port).")
+    fleet_controls(settings, dd.process_entries(registry) if registry is not None else None, view)
+    st.divider()
+    live_fleet(settings)
+
+
+def single_port_page(settings: Settings) -> None:
+    registry = ui.registry(settings, required=False)
+    snapshot = active.active_view(settings)
+    st.session_state[SIGNATURE_KEY] = snapshot.signature
+    controls(dd.process_entries(registry) if registry is not None else None, snapshot)
+    ui.show_flash()
+    if st.session_state.get("active_stop_warnings"):
+        st.warning(st.session_state.pop("active_stop_warnings"))
+    if st.session_state.get("active_error") is not None:
+        action, error = st.session_state.pop("active_error")
+        ui.show_error(error, action)
+    st.divider()
+    live_status(settings)
+    st.subheader("Activation history")
+    history_frame = dd.activation_frame(settings)
+    if history_frame.empty:
+        st.caption("No activations recorded yet.")
+    else:
+        st.dataframe(history_frame, hide_index=True, width="stretch")
+    if st.session_state.get("active_confirm"):
+        confirm_dialog(settings, *st.session_state["active_confirm"])
+
+
 settings = ui.settings()
 st.title("Active Model")
-registry = ui.registry(settings, required=False)
-snapshot = active.active_view(settings)
-st.session_state[SIGNATURE_KEY] = snapshot.signature
-controls(dd.process_entries(registry) if registry is not None else None, snapshot)
-ui.show_flash()
-if st.session_state.get("active_stop_warnings"):
-    st.warning(st.session_state.pop("active_stop_warnings"))
-if st.session_state.get("active_error") is not None:
-    action, error = st.session_state.pop("active_error")
-    ui.show_error(error, action)
-st.divider()
-live_status(settings)
-st.subheader("Activation history")
-history_frame = dd.activation_frame(settings)
-if history_frame.empty:
-    st.caption("No activations recorded yet.")
+if fleet.fleet_address(settings) is None:
+    single_port_page(settings)
 else:
-    st.dataframe(history_frame, hide_index=True, width="stretch")
-if st.session_state.get("active_confirm"):
-    confirm_dialog(settings, *st.session_state["active_confirm"])
+    fleet_page(settings)
