@@ -2,6 +2,11 @@
 
 Blocking work (hashing, probes, activation) runs in worker threads, never on the event loop. Errors map to
 HTTP statuses in one place (:data:`errors.STATUS_FOR`), with a JSON body that says *why*.
+
+Fleet mode (a Ray address: ``IMAGEWORKS_RAY_ADDRESS`` or ``create_app(ray_address=)``): the same routes front
+the whole fleet on this one port. The proxy routes to the slot serving the model (:class:`~.proxy.FleetProxy`),
+``/v1/models`` says where each model runs (``node``, ``slot``, ``status``), ``/v1/active`` lists the slots,
+``/v1/activate`` and ``/v1/deactivate`` start and stop slots. Single-box responses are unchanged.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from .api_security import RequestGuard, check_bind, check_json_values
@@ -31,12 +37,15 @@ from .errors import (
     UsageError,
 )
 from .proxy import (
+    FLEET_THREADS,
     RETRY_AFTER_S,
+    FleetProxy,
     Proxy,
     SwitchCoordinator,
     SwitchInProgress,
     check_request_body,
     new_pool,
+    resolve_entry,
     response_headers,
 )
 from .registry import filter_entries
@@ -61,8 +70,18 @@ class VerifyRequest(BaseModel):
     fast: bool = False
 
 
-class NameRequest(BaseModel):
+class ActivateRequest(BaseModel):
+    """``/v1/activate``: the model; in fleet mode optionally its node and GPU count (as ``activate-model``)."""
+
     name: str
+    node: str | None = None
+    gpus: int | None = None
+
+
+class FleetStopRequest(BaseModel):
+    """``/v1/deactivate`` in fleet mode: a slot id or model name; none stops every slot."""
+
+    name: str | None = None
 
 
 def error_body(exc: ImageWorksError) -> dict[str, Any]:
@@ -111,15 +130,35 @@ def model_card(entry: ModelEntry, status: EntryStatus) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool = True) -> FastAPI:
+def fleet_card(card: dict[str, Any], slots: list[Any]) -> dict[str, Any]:
+    """A ``/v1/models`` item in fleet mode: where the model runs (``node``, ``slot``, ``status``; None when it
+    runs nowhere: a request starts it). Of several records (a lost one beside a new start), the liveliest."""
+    order = ("ready", "starting", "stopping", "lost", "failed")
+    mine = sorted((s for s in slots if s.name == card["id"]), key=lambda s: order.index(s.status))
+    slot = mine[0] if mine else None
+    return {
+        **card,
+        "node": slot.node_name if slot else None,
+        "slot": slot.slot_id if slot else None,
+        "status": slot.status if slot else None,
+        "gpus": slot.gpus if slot else [],
+    }
+
+
+def create_app(
+    settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool = True, ray_address: str | None = None
+) -> FastAPI:
     """Build the API for one deployment root.
 
     ``bind_host`` decides the token policy (UsageError when it is not loopback-only and no token is set) and
-    the Host names answered to; see :mod:`imageworks_core.api_security` for the request guard.
+    the Host names answered to; see :mod:`imageworks_core.api_security` for the request guard. ``ray_address``
+    (else ``IMAGEWORKS_RAY_ADDRESS``) turns fleet mode on: the cluster is joined here, so a server that cannot
+    reach it fails at start (FleetUnavailable, exit 8), not on its first request.
     """
     check_bind(settings, bind_host)
-    service = ImageWorks(settings)
+    service = ImageWorks(settings, ray_address=ray_address)
     service.reload()  # load now (a failure is audited), not on the first request
+    fleet = service.fleet
 
     # The proxy asks "is this model serving?" on every request: answer from a 1 s cache keyed by the state
     # file's stat, so the hot path costs one stat() instead of a JSON parse and a process lookup.
@@ -151,11 +190,19 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         watcher = RegistryWatcher(service) if watch else None
         if watcher:
             watcher.start()
-        async with new_pool() as pool:
-            app.state.proxy = Proxy(settings, coordinator, pool)
-            yield
-        if watcher:
-            watcher.stop()
+        executor = ThreadPoolExecutor(FLEET_THREADS, thread_name_prefix="fleet-proxy") if fleet else None
+        app.state.fleet_proxy = FleetProxy(fleet, executor) if fleet and executor else None
+        try:
+            async with new_pool() as pool:
+                app.state.proxy = Proxy(settings, coordinator, pool)
+                yield
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+            if fleet is not None:
+                fleet.close()  # leaves the cluster only if this server joined it; slots keep running
+            if watcher:
+                watcher.stop()
 
     app = FastAPI(title="ImageWorks Model Loader API", version="1", lifespan=lifespan)
     app.state.service = service
@@ -176,8 +223,16 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         entries = filter_entries(
             registry, include_testing=include_testing, profile=profile if profile is not None else settings.profile
         )
+        if fleet is not None:  # what runs is listed even when the filter would hide it
+            slots = await asyncio.to_thread(fleet.slots)
+            running = {s.name for s in slots}
+            listed = {e.name for e in entries}
+            entries = [*entries, *(registry.get(n) for n in sorted(running - listed) if n in registry.entries)]
         statuses = await asyncio.to_thread(service.statuses, entries)
-        listing: dict[str, Any] = {"object": "list", "data": [model_card(e, statuses[e.name]) for e in entries]}
+        cards = [model_card(e, statuses[e.name]) for e in entries]
+        if fleet is not None:
+            cards = [fleet_card(card, slots) for card in cards]
+        listing: dict[str, Any] = {"object": "list", "data": cards}
         if not service.registry_status.ok:
             listing["registry"] = service.registry_status.to_dict()  # served from the last good registry: say why
         return listing
@@ -194,7 +249,13 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
             profile=request.profile,
         )
         entry = service.registry.get(selection.name)
-        active = await asyncio.to_thread(is_active, entry.name) if entry.is_process_backend else True
+        if not entry.is_process_backend:
+            active = True
+        elif fleet is not None:
+            slots = await asyncio.to_thread(fleet.slots)
+            active = any(s.name == entry.name and s.status == "ready" for s in slots)
+        else:
+            active = await asyncio.to_thread(is_active, entry.name)
         return {**selection.to_dict(), "active": active}
 
     @app.post("/v1/verify")
@@ -228,7 +289,12 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         return JSONResponse(result.to_dict())
 
     @app.post("/v1/activate")
-    async def activate_endpoint(request: NameRequest) -> dict[str, Any]:
+    async def activate_endpoint(request: ActivateRequest) -> dict[str, Any]:
+        if fleet is not None:
+            slot = await asyncio.to_thread(fleet.activate, request.name, node=request.node, gpus=request.gpus)
+            return slot.model_dump(mode="json")
+        if request.node is not None or request.gpus is not None:
+            raise UsageError("'node' and 'gpus' need fleet mode: serve with IMAGEWORKS_RAY_ADDRESS set")
         entry = service.registry.get(request.name)
         if not entry.is_process_backend:
             raise UsageError(
@@ -242,7 +308,18 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
         return state.model_dump(mode="json") if state else {}
 
     @app.post("/v1/deactivate")
-    async def deactivate() -> dict[str, Any]:
+    async def deactivate(request: Request) -> dict[str, Any]:
+        if fleet is not None:
+            raw = await request.body()
+            try:
+                target = FleetStopRequest.model_validate_json(raw or b"{}").name
+            except ValidationError as exc:
+                raise UsageError(f'send no body (stop every slot) or JSON {{"name": SLOT_OR_MODEL}}: {exc}') from exc
+            stopped = await asyncio.to_thread(fleet.stop, target, reason="api deactivate")
+            fleet_proxy: FleetProxy = request.app.state.fleet_proxy
+            for record in stopped:
+                fleet_proxy.forget(record["name"])
+            return {"stopped": stopped}
         if coordinator.switching_to:
             raise SwitchInProgress(coordinator.switching_to)
         result = await asyncio.to_thread(service.stop, reason="api deactivate")
@@ -251,7 +328,17 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     @app.get("/v1/active")
     async def active() -> dict[str, Any]:
         """What serves on the single port (``active``), the start in progress if any (``starting``: name, phase,
-        detail, elapsed_s, as ``current-model`` shows it) and the switch this server is making (``switching_to``)."""
+        detail, elapsed_s, as ``current-model`` shows it) and the switch this server is making (``switching_to``).
+
+        Fleet mode: ``slots`` (every slot: node, GPUs, port, model, status, uptime, last use, as ``current-model
+        --json`` lists them; lost and failed ones say why) and ``switching_to`` (the models this server is
+        starting for requests)."""
+        if fleet is not None:
+            slots = await asyncio.to_thread(fleet.slots, check_health=True)
+            return {
+                "slots": [slot.model_dump(mode="json") for slot in slots],
+                "switching_to": request_fleet_proxy(app).switching_to,
+            }
         status = await asyncio.to_thread(service.current)
         starting = await asyncio.to_thread(service.activation)
         return {
@@ -278,7 +365,13 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
             raise UsageError(f"request body is not JSON: {getattr(exc, 'msg', exc)}") from exc
         check_request_body(path, body)
         proxy: Proxy = request.app.state.proxy
-        entry, base_url = await proxy.route(service.registry, body)
+        if fleet is not None:
+            entry = resolve_entry(settings, service.registry, body)
+            if entry.is_process_backend:
+                return await request_fleet_proxy(request.app).forward(entry, path, raw, body)
+            base_url = endpoint_for(entry, settings)  # remote and ollama entries: as on a single box
+        else:
+            entry, base_url = await proxy.route(service.registry, body)
         upstream = await proxy.send(entry, base_url, path, raw, body)
         if body.get("stream"):
             return StreamingResponse(
@@ -300,6 +393,11 @@ def create_app(settings: Settings, *, bind_host: str = "127.0.0.1", watch: bool 
     return app
 
 
+def request_fleet_proxy(app: FastAPI) -> FleetProxy:
+    """The app's fleet proxy (set by the lifespan in fleet mode)."""
+    return app.state.fleet_proxy
+
+
 PROXY_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}
 
 
@@ -310,7 +408,10 @@ def error_response(exc: ImageWorksError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
-REGISTRY_ERROR_HEADER = (b"x-imageworks-registry-error", b"invalid; serving the last good registry, see /v1/registry/status")
+REGISTRY_ERROR_HEADER = (
+    b"x-imageworks-registry-error",
+    b"invalid; serving the last good registry, see /v1/registry/status",
+)
 
 
 class ProxyFastPath:

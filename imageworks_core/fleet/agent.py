@@ -11,6 +11,12 @@ Slots and GPUs are allocated under one lock, so two controllers placing at once 
 slot of room twice; the start itself runs outside it (the actor is threaded), so status calls answer while a
 model loads. ``max_models`` is checked here, with the value the controller's config gives for this node.
 
+Idle slots: a slot started with ``idle_ttl_s`` (the node's ``configs/fleet.json`` value, sent by the controller)
+is stopped by the agent's idle watcher once no request has passed through it for that long (reason "idle for N s",
+audit event ``fleet_idle_stop`` in this node's audit log). A slot with a request in flight is never idle: the
+check and the switch to ``stopping`` happen under the slot lock, and a request arriving after that is refused
+(the proxy then starts the model again).
+
 Crash safety: the agent's backends die with it. Its reaper (:mod:`.reaper`) watches the agent's pid and stops
 every slot it recorded when the agent is gone; a new agent on the same root stops what an agent without a
 reaper left (:func:`~.slotdirs.stale_agent_dirs`). Each slot change is published to the directory
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .. import gpu
+from .. import audit, gpu
 from ..errors import BackendError, PlacementError
 from ..registry import Registry
 from ..runtime.gpu_fit import tensor_parallel_size
@@ -51,6 +57,8 @@ from .slotdirs import (
 )
 from .slots import SlotInfo, free_port
 
+IDLE_CHECK_S = 0.5
+"""How often the idle watcher looks for slots past their ``idle_ttl_s`` (a slot stops at most this late)."""
 STOP_LOCK_WAIT_S = 60.0
 """A stop waits this long for the slot's activation lock (a start in progress is cancelled first)."""
 LOCK_MANIFEST_FILE = "lock.manifest.json"
@@ -72,12 +80,21 @@ class _Slot:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     ready_at: datetime | None = None
     last_used_at: datetime | None = None
+    in_flight: int = 0
+    idle_ttl_s: float | None = None
     pid: int = 0
 
     @property
     def holds_resources(self) -> bool:
         """Counts against ``max_models`` and holds its GPUs (a failed slot holds neither)."""
         return self.status in ("starting", "ready", "stopping")
+
+    def idle_for(self, now: datetime) -> float | None:
+        """Seconds since its last request ended (or since it became ready); None while busy or not ready."""
+        if self.status != "ready" or self.in_flight:
+            return None
+        since = self.last_used_at or self.ready_at or self.started_at
+        return (now - since).total_seconds()
 
 
 @dataclass
@@ -116,6 +133,7 @@ class NodeAgent:
         )
         reaper.start(self.settings.root, self.dir, self.settings.logs_dir / "fleet" / f"reaper-{self.instance}.log")
         self._publish()
+        threading.Thread(target=self._watch_idle, name="idle-watcher", daemon=True).start()
 
     # Inventory -------------------------------------------------------------------------------------------
     def _gpu_inventory(self) -> tuple[list[GpuFree], str | None]:
@@ -250,8 +268,10 @@ class NodeAgent:
         manifest: str | None = None,
         timeout_s: float | None = None,
         force: bool = False,
+        idle_ttl_s: float | None = None,
     ) -> dict[str, Any]:
-        """Start the entry in a new slot on ``gpus`` of this node and return the ready slot (a SlotInfo dict).
+        """Start the entry in a new slot on ``gpus`` of this node and return the ready slot (a SlotInfo dict);
+        with ``idle_ttl_s``, the idle watcher stops it after that long without a request.
 
         The entry already ready here is returned as it is. Errors are the runtime's (exit codes kept across
         Ray): a failed start leaves the slot listed as ``failed`` with its reason until stopped or retried."""
@@ -270,6 +290,7 @@ class NodeAgent:
             for slot in same:  # failed earlier: this start replaces it
                 self._slots.pop(slot.slot_id, None)
             slot = self._allocate(entry, gpus, members or {}, max_models)
+            slot.idle_ttl_s = idle_ttl_s
         for old in same:  # their processes are gone already; this clears their failed state
             runtime.stop(old.settings, reason="started again", lock_timeout_s=STOP_LOCK_WAIT_S)
             shutil.rmtree(old.settings.slot_dir, ignore_errors=True)
@@ -310,8 +331,6 @@ class NodeAgent:
 
     def stop(self, slot_ids: list[str] | None = None, *, reason: str = "") -> list[dict[str, Any]]:
         """Stop the given slots (all, reservations included, when None); returns what each stop did."""
-        from .. import runtime
-
         with self._lock:
             targets = [
                 self._slots[i] for i in (slot_ids if slot_ids is not None else list(self._slots)) if i in self._slots
@@ -321,6 +340,12 @@ class NodeAgent:
                     slot.status = "stopping"
             if slot_ids is None:
                 self._reserved.clear()
+        return self._stop_marked(targets, reason)
+
+    def _stop_marked(self, targets: list[_Slot], reason: str) -> list[dict[str, Any]]:
+        """Stop slots already marked ``stopping`` (no request reaches them any more)."""
+        from .. import runtime
+
         self._publish()
         results = []
         for slot in targets:
@@ -337,6 +362,42 @@ class NodeAgent:
                 }
             )
         self._publish()
+        return results
+
+    def _watch_idle(self) -> None:
+        """Stop every slot past its ``idle_ttl_s`` (runs for the agent's life, in its own thread)."""
+        while True:
+            time.sleep(IDLE_CHECK_S)
+            try:
+                self.stop_idle()
+            except Exception as exc:  # a failed stop must not end the watcher: log it and look again
+                audit.log_event(self.settings, "fleet_idle_stop_failed", node=self.node_name, error=repr(exc))
+
+    def stop_idle(self) -> list[dict[str, Any]]:
+        """Stop the slots idle for at least their ``idle_ttl_s`` now; returns what each stop did."""
+        now = datetime.now(UTC)
+        with self._lock:  # checked and marked in one section: a request arriving later is refused, not cut off
+            idle = []
+            for slot in self._slots.values():
+                idle_s = slot.idle_for(now)
+                if slot.idle_ttl_s is not None and idle_s is not None and idle_s >= slot.idle_ttl_s:
+                    slot.status = "stopping"
+                    idle.append((slot, idle_s))
+        results = []
+        for slot, idle_s in idle:
+            reason = f"idle for {slot.idle_ttl_s:g} s"
+            audit.log_event(
+                self.settings,
+                "fleet_idle_stop",
+                node=self.node_name,
+                slot=slot.slot_id,
+                name=slot.entry.name,
+                idle_ttl_s=slot.idle_ttl_s,
+                idle_s=round(idle_s, 1),
+                last_used_at=slot.last_used_at,
+                reason=reason,
+            )
+            results += self._stop_marked([slot], reason)
         return results
 
     def reserve(self, slot_id: str, name: str, leader: str, gpus: list[int]) -> None:
@@ -408,19 +469,28 @@ class NodeAgent:
             ready_at=slot.ready_at,
             uptime_s=round(uptime, 1) if uptime is not None else None,
             last_used_at=slot.last_used_at,
+            requests_in_flight=slot.in_flight,
+            idle_ttl_s=slot.idle_ttl_s,
             log_path=str(slot.settings.backend_logs_dir),
             log_tail=slot.log_tail,
         )
 
     # Traffic ---------------------------------------------------------------------------------------------
-    def _ready_port(self, slot_id: str) -> int:
+    def _begin(self, slot_id: str) -> _Slot:
+        """A request to the slot starts: it counts as in use (never idle, never evicted) until :meth:`_end`."""
         with self._lock:
             slot = self._slots.get(slot_id)
             if slot is None or slot.status != "ready":
                 what = "gone" if slot is None else slot.status
                 raise BackendError(f"slot {slot_id} on node {self.node_name} is {what}; it serves no requests")
             slot.last_used_at = datetime.now(UTC)
-            return slot.settings.vllm_port
+            slot.in_flight += 1
+            return slot
+
+    def _end(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.in_flight -= 1
+            slot.last_used_at = datetime.now(UTC)
 
     def forward(
         self,
@@ -432,7 +502,11 @@ class NodeAgent:
         timeout_s: float = relay.FORWARD_TIMEOUT_S,
     ) -> relay.ForwardResponse:
         """Make an HTTP request to the slot's backend on this node's loopback (see :mod:`.forward`)."""
-        return relay.request(self._ready_port(slot_id), method, path, headers, body, timeout_s)
+        slot = self._begin(slot_id)
+        try:
+            return relay.request(slot.settings.vllm_port, method, path, headers, body, timeout_s)
+        finally:
+            self._end(slot)
 
     def forward_stream(
         self,
@@ -444,7 +518,11 @@ class NodeAgent:
         timeout_s: float = relay.FORWARD_TIMEOUT_S,
     ) -> Iterator[relay.ForwardResponse | bytes]:
         """Like :meth:`forward`, yielding the head, then the body's chunks as they come."""
-        yield from relay.stream(self._ready_port(slot_id), method, path, headers, body, timeout_s)
+        slot = self._begin(slot_id)
+        try:
+            yield from relay.stream(slot.settings.vllm_port, method, path, headers, body, timeout_s)
+        finally:
+            self._end(slot)
 
     # The directory ---------------------------------------------------------------------------------------
     def _publish(self) -> None:

@@ -6,11 +6,14 @@
 
       {"defaults": {"max_models": 1},
        "nodes": {"gpu-box-2": {"root": "/srv/imageworks", "max_models": 2,
-                               "locations": {"linux_wsl": "/data/weights"}}}}
+                               "idle_ttl_s": 900, "locations": {"linux_wsl": "/data/weights"}}}}
 
   A node is named by its Ray node name (``ray start --node-name``; Ray's default is the node's IP address).
   ``root`` is the node's deployment root (its slots' state, logs, audit log and history; relative weights paths
-  resolve there); default: the controller's root path. ``max_models``: how many models the node serves at once.
+  resolve there); default: the controller's root path. ``max_models``: how many models the node serves at once
+  (a request through the API for another model then evicts the node's least recently used one).
+  ``idle_ttl_s``: seconds without a request after which the node's agent stops a slot (reason "idle for N s",
+  audit event ``fleet_idle_stop`` in the node's audit log); default none (never), read when a slot starts.
   ``locations``: where each download location (an entry's ``download_location``) lives on that node, so an
   entry downloaded at the controller resolves to the node's copy of the same files.
 
@@ -55,6 +58,9 @@ class NodeConfig(BaseModel):
 
     root: str | None = Field(default=None, description="the node's deployment root (default: the controller's)")
     max_models: int | None = Field(default=None, ge=1, description="models served at once on the node (default 1)")
+    idle_ttl_s: float | None = Field(
+        default=None, gt=0, description="stop a slot after this many seconds without a request (default: never)"
+    )
     locations: dict[str, str] = Field(
         default_factory=dict, description="download location name (or recorded root) -> its path on this node"
     )
@@ -75,6 +81,7 @@ class FleetConfig(BaseModel):
             name=name,
             root=own.root or self.defaults.root or str(controller_root),
             max_models=own.max_models or self.defaults.max_models or 1,
+            idle_ttl_s=own.idle_ttl_s if own.idle_ttl_s is not None else self.defaults.idle_ttl_s,
             locations={**self.defaults.locations, **own.locations},
         )
 
@@ -85,6 +92,7 @@ class ResolvedNode(BaseModel):
     name: str
     root: str
     max_models: int
+    idle_ttl_s: float | None = None
     locations: dict[str, str]
 
 
@@ -111,7 +119,8 @@ def load_fleet_config(settings: Settings) -> FleetConfig:
         where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         raise UsageError(
             f"{path}: {where}: {problem['msg']} (value {problem.get('input')!r}); expected "
-            '{"defaults": {...}, "nodes": {"NODE": {"root": "/path", "max_models": 1, "locations": {"name": "/path"}}}}'
+            '{"defaults": {...}, "nodes": {"NODE": {"root": "/path", "max_models": 1, "idle_ttl_s": 900, '
+            '"locations": {"name": "/path"}}}} (idle_ttl_s: seconds > 0, or leave it out to never stop an idle model)'
         ) from exc
 
 

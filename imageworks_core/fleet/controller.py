@@ -19,7 +19,15 @@ from types import ModuleType
 from typing import Any
 
 from ..audit import log_event
-from ..errors import BackendError, FleetError, ImageWorksError, SlotLost, SwitchInProgress, UnknownModelError
+from ..errors import (
+    BackendError,
+    FleetError,
+    ImageWorksError,
+    PlacementError,
+    SlotLost,
+    SwitchInProgress,
+    UnknownModelError,
+)
 from ..registry import Registry, load_registry, lock_file_path
 from ..schema import ModelEntry
 from ..settings import Settings
@@ -27,7 +35,7 @@ from ..upstream import endpoint_for
 from . import cluster
 from .config import FleetConfig, load_fleet_config, node_download_path, ray_address
 from .forward import FORWARD_TIMEOUT_S, ForwardResponse
-from .placement import NodeOffer, Placement, place
+from .placement import NodeOffer, Placement, place, place_evicting
 from .slots import GpuSlotView, NodeInfo, SlotInfo
 
 AGENT_CALL_TIMEOUT_S = 3.0
@@ -66,6 +74,7 @@ class Fleet:
         self._agent_class: Any = None
         self._guard = threading.Lock()
         self._silent: dict[str, tuple[float, str]] = {}  # node id -> (when, why) its agent last failed to answer
+        self._deciding = threading.Lock()  # autoswitch: one placement decision (and eviction) at a time
 
     @classmethod
     def connect(
@@ -389,6 +398,7 @@ class Fleet:
         if on_progress is not None:
             on_progress("placement", time.monotonic() - started, _describe(placement))
         manifest = _manifest_text(self.settings, entry)
+        node_config = config.for_node(placement.node_name, self.settings.root)
         reserved = []
         try:
             for member in placement.members:
@@ -402,7 +412,8 @@ class Fleet:
             ref = leader.activate.remote(
                 self._node_entry(entry, placement.node_name, config),
                 gpus=placement.gpus,
-                max_models=config.for_node(placement.node_name, self.settings.root).max_models,
+                max_models=node_config.max_models,
+                idle_ttl_s=node_config.idle_ttl_s,
                 members={m.node_name: m.gpus for m in placement.members},
                 extra_args=placement.extra_args,
                 env=placement.env,
@@ -476,6 +487,61 @@ class Fleet:
         for slot in self._slots(rows, tables, False):
             if slot.name == name and slot.status == "lost":
                 directory.forget.remote(slot.node_id, [slot.slot_id])
+
+    # Autoswitch -------------------------------------------------------------------------------------------
+    def autoswitch(self, name: str, *, timeout_s: float | None = None) -> SlotInfo:
+        """The ready slot serving ``name``, started if it runs nowhere: what the API's proxy does for a request.
+
+        Beside the others while a node has room under its ``max_models`` (placed as :meth:`activate` places);
+        else the least recently used idle slot whose eviction makes room is stopped first (see
+        :func:`~.placement.place_evicting`; audit event ``fleet_eviction``). SlotLost (naming the node) when the
+        model's slot is lost: its node died, and only an explicit activation moves it; SwitchInProgress while it
+        starts or stops elsewhere; PlacementError when nothing can be evicted to make room.
+
+        Concurrent callers (threads of one API server) decide one at a time: the decision lock is held until the
+        new slot is allocated on its node, so two requests never evict for, or fill, the same room.
+        """
+        entry = self._entry(name)
+        serving = _serving(entry.name, self.slots())  # the common case answers without waiting for a decision
+        if serving is not None:
+            return serving
+        decided = threading.Event()
+
+        def allocated(phase: str, _elapsed: float, _detail: str) -> None:
+            if phase != "placement" and not decided.is_set():
+                decided.set()
+                self._deciding.release()
+
+        self._deciding.acquire()
+        try:
+            slots = self.slots()
+            serving = _serving(entry.name, slots)
+            if serving is not None:
+                return serving
+            offers, _agents = self._offers(entry, self.config())
+            try:
+                placement = place(entry.name, entry.backend, offers, ray_address=self.gcs_address)
+            except PlacementError as refused:
+                placement, victim = place_evicting(entry.name, entry.backend, offers, slots, refused=refused)
+                self._evict(victim, entry.name)
+            return self.activate(entry.name, node=placement.node_id, timeout_s=timeout_s, on_progress=allocated)
+        finally:
+            if not decided.is_set():
+                self._deciding.release()
+
+    def _evict(self, victim: SlotInfo, name: str) -> None:
+        """Stop ``victim`` to make room for ``name`` on its node (audited, with when it was last used)."""
+        reason = f"evicted for {name!r}: least recently used on node {victim.node_name}"
+        log_event(
+            self.settings,
+            "fleet_eviction",
+            name=victim.name,
+            slot=victim.slot_id,
+            node=victim.node_name,
+            last_used_at=victim.last_used_at,
+            evicted_for=name,
+        )
+        self.stop(victim.slot_id, reason=reason)
 
     # Stop ------------------------------------------------------------------------------------------------
     def stop(self, target: str | None = None, *, reason: str = "") -> list[dict[str, Any]]:
@@ -614,6 +680,25 @@ class Fleet:
         except ValueError:
             pass
         return results
+
+
+def _serving(name: str, slots: Sequence[SlotInfo]) -> SlotInfo | None:
+    """The ready slot of entry ``name``; None when it runs nowhere (or only failed). SlotLost when its slot is
+    lost (only an explicit activation moves it), SwitchInProgress while it starts or stops."""
+    for wanted in ("ready", "starting", "stopping", "lost"):
+        for slot in slots:
+            if slot.name != name or slot.status != wanted:
+                continue
+            if wanted == "ready":
+                return slot
+            if wanted == "lost":
+                raise SlotLost(
+                    f"{name!r} was served by node {slot.node_name}, which is lost: {slot.detail}; "
+                    "activate it again to place it elsewhere",
+                    node=slot.node_name,
+                )
+            raise SwitchInProgress(name)
+    return None
 
 
 def _lost(table: dict[str, Any] | None, why: str) -> list[SlotInfo]:

@@ -33,7 +33,6 @@ HOP_BY_HOP = frozenset(
 """Headers that describe one connection, not the request: never forwarded in either direction."""
 FORWARD_TIMEOUT_S = 600.0
 """Default bound on one forwarded request (a long generation); the caller may give its own."""
-STREAM_CHUNK_BYTES = 64 * 1024
 
 
 class ForwardResponse(BaseModel):
@@ -90,6 +89,7 @@ def stream(
             client.stream(method, _url(port, path), headers=_clean(headers), content=body) as answer,
         ):
             yield ForwardResponse(status=answer.status_code, headers=_clean(answer.headers.multi_items()))
-            yield from answer.iter_raw(STREAM_CHUNK_BYTES)
+            # No chunk size: httpx would hold bytes back until it has that many; an SSE event must go at once.
+            yield from answer.iter_raw()
     except httpx.HTTPError as exc:
         yield ForwardResponse(status=502, body=f"backend on port {port} did not answer: {exc}".encode())

@@ -14,6 +14,11 @@ Rules, in order:
    ``RAY_ADDRESS`` in its environment), started by its leader node's agent; the other nodes' GPUs are reserved
    for it (``members``). The smallest k that fits wins. vLLM's own Ray workers are placed by Ray's GPU
    accounting, which does not see our single-node slots: give such models nodes of their own.
+5. Autoswitch (a request through the API for a model that runs nowhere) when no node has room: evict
+   (:func:`place_evicting`). The victim is the least recently used slot (by its last request, else since it
+   became ready) among those whose eviction lets their node take the entry (weights there, GPUs enough once
+   the victim's are free); a slot with a request in flight, one still starting or stopping, and one spanning
+   nodes are never evicted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field
 
 from ..errors import PlacementError
-from .slots import choose_gpus
+from .slots import SlotInfo, choose_gpus
 
 RAY_EXECUTOR_BACKENDS = frozenset({"vllm"})
 """Backends that can span nodes (vLLM's ``--distributed-executor-backend ray``)."""
@@ -204,3 +209,49 @@ def _span(name: str, offers: Sequence[NodeOffer], gpus: int, ray_address: str) -
             note=f"{name!r} spans {k} nodes of {per} GPU(s) with vLLM's Ray executor",
         )
     return None
+
+
+def evictable(slot: SlotInfo) -> bool:
+    """Whether autoswitch may stop the slot to make room: ready, idle right now, on one node only."""
+    return slot.status == "ready" and not slot.requests_in_flight and not slot.members
+
+
+def place_evicting(
+    name: str,
+    backend: str | None,
+    offers: Sequence[NodeOffer],
+    slots: Sequence[SlotInfo],
+    *,
+    refused: PlacementError,
+) -> tuple[Placement, SlotInfo]:
+    """Where ``name`` goes after evicting one slot (see rule 5), and that slot. ``refused``: :func:`place`'s
+    refusal, kept in the PlacementError raised when no eviction helps either."""
+    by_node = {offer.node_id: offer for offer in offers}
+    oldest_first = sorted((s for s in slots if evictable(s) and s.node_id in by_node), key=_last_use_key)
+    for victim in oldest_first:
+        offer = by_node[victim.node_id]
+        if not offer.weights_present:
+            continue
+        freed = [
+            g.model_copy(update={"memory_free_bytes": g.memory_total_bytes})
+            if g.index in victim.gpus and g.memory_total_bytes is not None
+            else g
+            for g in offer.gpus
+        ]
+        after = offer.model_copy(
+            update={
+                "slots_used": offer.slots_used - 1,
+                "gpus": freed,
+                "gpus_taken": [i for i in offer.gpus_taken if i not in victim.gpus],
+            }
+        )
+        try:
+            return place(name, backend, [after], node=offer.node_id), victim
+        except PlacementError:
+            continue
+    raise PlacementError(f"{refused.message}; and no idle ready slot can be evicted to make room")
+
+
+def _last_use_key(slot: SlotInfo) -> tuple[float, str]:
+    when = slot.last_use
+    return (when.timestamp() if when is not None else 0.0, slot.slot_id)

@@ -44,9 +44,18 @@ class SlotInfo(BaseModel):
     started_at: datetime | None = None
     ready_at: datetime | None = None
     uptime_s: float | None = None
-    last_used_at: datetime | None = Field(default=None, description="last request forwarded to it")
+    last_used_at: datetime | None = Field(
+        default=None, description="when the last request forwarded to it started or ended (None: never used)"
+    )
+    requests_in_flight: int = Field(default=0, description="requests being forwarded to it now")
+    idle_ttl_s: float | None = Field(default=None, description="its agent stops it after this long without a request")
     log_path: str = ""
     log_tail: list[str] = Field(default_factory=list)
+
+    @property
+    def last_use(self) -> datetime | None:
+        """When it last served a request, else when it became ready (what least-recently-used and idle mean)."""
+        return self.last_used_at or self.ready_at or self.started_at
 
     def matches(self, model: str) -> bool:
         """Whether ``model`` names this slot's model: its name, an alias or its served id."""
