@@ -268,7 +268,7 @@ def slot_table(settings: Settings, view: fleet.FleetView) -> None:
     if not slots:
         st.caption("No model runs in the fleet. Pick one above and start it.")
         return
-    widths = [2, 1, 1, 1, 2, 3, 1, 1]
+    widths = [2, 1, 1, 1, 2, 3, 1.5, 1.5]
     for column, title in zip(st.columns(widths), [*fleet.slot_row(slots[0]), ""], strict=True):
         column.markdown(f"**{title}**")
     for slot in slots:
@@ -279,7 +279,6 @@ def slot_table(settings: Settings, view: fleet.FleetView) -> None:
             columns[-1].button(
                 fleet.slot_action(slot),
                 key=f"fleet_stop_{slot.slot_id}",
-                icon=":material/stop:",
                 on_click=_stop_slot,
                 args=(settings, slot.slot_id),
             )
