@@ -11,6 +11,7 @@ docstring: the Ray cluster itself is the trust boundary). Hop-by-hop headers and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 
 import httpx
@@ -47,9 +48,22 @@ def _clean(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
-def _client(timeout_s: float) -> httpx.Client:
-    # Loopback only, plain HTTP: no proxy from the environment, no TLS context to build.
-    return httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False, verify=False)
+_shared: httpx.Client | None = None
+_shared_guard = threading.Lock()
+
+
+def _client() -> httpx.Client:
+    """One pooled client per process (the agent's threads share it: building one costs more than a loopback
+    request). Loopback only, plain HTTP: no proxy from the environment, no TLS."""
+    global _shared
+    with _shared_guard:
+        if _shared is None:
+            _shared = httpx.Client(trust_env=False, verify=False, limits=httpx.Limits(max_connections=64))
+        return _shared
+
+
+def _timeout(timeout_s: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout_s, connect=5.0)
 
 
 def _url(port: int, path: str) -> str:
@@ -67,8 +81,9 @@ def request(
     """Make the request on this machine's loopback and return the whole answer (502 when the backend does not
     answer: the body says why)."""
     try:
-        with _client(timeout_s) as client:
-            answer = client.request(method, _url(port, path), headers=_clean(headers), content=body)
+        answer = _client().request(
+            method, _url(port, path), headers=_clean(headers), content=body, timeout=_timeout(timeout_s)
+        )
     except httpx.HTTPError as exc:
         return ForwardResponse(status=502, body=f"backend on port {port} did not answer: {exc}".encode())
     return ForwardResponse(status=answer.status_code, headers=_clean(answer.headers.multi_items()), body=answer.content)
@@ -84,10 +99,9 @@ def stream(
 ) -> Iterator[ForwardResponse | bytes]:
     """Make the request and yield its head (a :class:`ForwardResponse` without body), then its body's chunks."""
     try:
-        with (
-            _client(timeout_s) as client,
-            client.stream(method, _url(port, path), headers=_clean(headers), content=body) as answer,
-        ):
+        with _client().stream(
+            method, _url(port, path), headers=_clean(headers), content=body, timeout=_timeout(timeout_s)
+        ) as answer:
             yield ForwardResponse(status=answer.status_code, headers=_clean(answer.headers.multi_items()))
             # No chunk size: httpx would hold bytes back until it has that many; an SSE event must go at once.
             yield from answer.iter_raw()
