@@ -11,7 +11,10 @@ the same cluster. The eviction rule itself is also checked without a cluster (:f
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from api_server import api_server
 from conftest import REPO, free_port, seed_root, wait_until
 from fleet_rig import FAKE_GPUS, FAKE_PYNVML, FleetRig, demo_entry, fleet_on_loopback, marked_processes
 
@@ -28,7 +32,7 @@ from imageworks_core.errors import PlacementError
 from imageworks_core.fleet.config import load_fleet_config
 from imageworks_core.fleet.placement import GpuFree, NodeOffer, place_evicting
 from imageworks_core.fleet.slots import SlotInfo
-from imageworks_core.settings import get_settings
+from imageworks_core.settings import Settings, get_settings
 
 IDLE_TTL_S = 2
 
@@ -99,6 +103,30 @@ def test_idle_ttl_s_is_read_per_node_and_a_bad_value_names_the_field(tmp_path: P
         load_fleet_config(settings)
     assert "nodes.b.idle_ttl_s: Input should be greater than 0 (value 0)" in info.value.message
     assert "leave it out to never stop an idle model" in info.value.message
+
+
+def test_single_box_api_refuses_node_and_gpus_and_a_fleet_api_without_its_cluster_fails_at_start(
+    root: Settings,
+) -> None:
+    with api_server(root.root) as base:
+        reply = httpx.post(f"{base}/v1/activate", json={"name": "demo-vision", "node": "n2"}, timeout=30)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["message"] == (
+            "'node' and 'gpus' need fleet mode: serve with IMAGEWORKS_RAY_ADDRESS set"
+        )
+        assert httpx.get(f"{base}/v1/active").json() == {"active": None, "starting": None, "switching_to": None}
+    # Fleet mode whose cluster does not answer: the server exits 8 at start instead of failing every request.
+    nobody = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "IMAGEWORKS_ROOT": str(root.root), "IMAGEWORKS_RAY_ADDRESS": nobody}
+    started = subprocess.run(
+        [sys.executable, "-m", "imageworks_core.cli", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 8, started.stderr
+    assert f"no Ray cluster answers at {nobody}" in started.stderr or "uv sync --extra fleet" in started.stderr
 
 
 # A real cluster and the API in this process ---------------------------------------------------------------------
