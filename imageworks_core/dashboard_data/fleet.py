@@ -79,12 +79,15 @@ def fleet_of(settings: Settings) -> Fleet:
 
 
 def fleet_view(settings: Settings) -> FleetView:
-    """The nodes and slots now; an unreachable cluster or a missing extra is the view's ``error``, never raised."""
+    """The nodes and slots now; an unreachable cluster or a missing extra is the view's ``error``, never raised
+    (nor is Ray's own error when the head goes away under a joined dashboard: the page says it and retries)."""
     address = fleet_address(settings) or ""
     try:
         return FleetView(address, fleet_of(settings).nodes())
     except ImageWorksError as exc:
         return FleetView(address, error=exc.message)
+    except Exception as exc:  # Ray's errors (connection lost, GCS gone) are not ours; the page must not break
+        return FleetView(address, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 # Text and rows ---------------------------------------------------------------------------------------------------
