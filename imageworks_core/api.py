@@ -238,7 +238,7 @@ def create_app(
         return listing
 
     @app.post("/v1/select")
-    async def select(request: SelectRequest) -> dict[str, Any]:
+    async def select(request: SelectRequest, http: Request) -> dict[str, Any]:
         if (request.name is None) == (request.role is None):
             raise UsageError("give exactly one of 'name' or 'role'")
         selection = await asyncio.to_thread(
@@ -254,6 +254,8 @@ def create_app(
         elif fleet is not None:
             slots = await asyncio.to_thread(fleet.slots)
             active = any(s.name == entry.name and s.status == "ready" for s in slots)
+            # Its backend listens on its node's loopback: clients reach it through this port's proxy.
+            return {**selection.to_dict(), "endpoint": f"{str(http.base_url).rstrip('/')}/v1", "active": active}
         else:
             active = await asyncio.to_thread(is_active, entry.name)
         return {**selection.to_dict(), "active": active}

@@ -248,6 +248,9 @@ def test_the_proxy_reaches_slots_on_two_nodes_and_streams_through_the_agent(api:
     assert (cards["fleet-b"]["node"], cards["fleet-b"]["status"]) == ("n3", "ready")
     assert (cards["lru-1"]["node"], cards["lru-1"]["status"]) == (None, None)
     assert cards["fleet-b"]["served_model_id"] == "fleet/b"  # the single-box fields stay
+    # /v1/select points at this port (the backend itself is on n3's loopback).
+    selected = httpx.post(f"{api.base}/v1/select", json={"name": "bee"}, timeout=30).json()
+    assert (selected["name"], selected["endpoint"], selected["active"]) == ("fleet-b", f"{api.base}/v1", True)
 
     # An unknown model: the single-box proxy's error (404, close matches); nothing starts.
     unknown = api.chat("fleet-aa")
