@@ -163,11 +163,14 @@ class ActivationCancelled(BackendError):
 
 
 class SwitchInProgress(BackendError):
-    """Another model is being activated on the single port; retry after ``RETRY_AFTER_S``."""
+    """Another model is being activated on the single port (or, in fleet mode, ``target`` is starting or stopping
+    in a slot of the fleet: ``where`` names the slot); retry after ``RETRY_AFTER_S``."""
 
-    def __init__(self, target: str) -> None:
-        super().__init__(f"switching the single port to {target!r}; retry in {RETRY_AFTER_S} s")
+    def __init__(self, target: str, where: str | None = None) -> None:
+        doing = f"{target!r} is starting or stopping in {where}" if where else f"switching the single port to {target!r}"
+        super().__init__(f"{doing}; retry in {RETRY_AFTER_S} s")
         self.target = target
+        self.where = where
 
 
 class GpuUnavailable(ImageWorksError):

@@ -127,6 +127,17 @@ def test_single_box_api_refuses_node_and_gpus_and_a_fleet_api_without_its_cluste
     )
     assert started.returncode == 8, started.stderr
     assert f"no Ray cluster answers at {nobody}" in started.stderr or "uv sync --extra fleet" in started.stderr
+    # The same with --ray-address, as every other fleet command takes it.
+    env.pop("IMAGEWORKS_RAY_ADDRESS")
+    started = subprocess.run(
+        [sys.executable, "-m", "imageworks_core.cli", "serve", "--port", str(free_port()), "--ray-address", nobody],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 8, started.stderr
+    assert f"no Ray cluster answers at {nobody}" in started.stderr
 
 
 # A real cluster and the API in this process ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, require
 
-from imageworks_core.errors import ActivationError, PlacementError, SlotLost
+from imageworks_core.errors import ActivationError, PlacementError, SlotLost, SwitchInProgress
 from imageworks_core.fleet.config import FleetConfig, load_fleet_config, node_download_path
 from imageworks_core.fleet.placement import GpuFree, NodeOffer, place, ray_executor_args
 from imageworks_core.runtime.slot import slot_settings
@@ -228,3 +228,10 @@ def test_a_uv_run_driver_does_not_ship_the_checkout_to_fleet_workers(tmp_path: P
     ).stdout.split()[-1]
     assert run({}) == "False"
     assert run({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "1"}) == "True"  # the operator's explicit choice stands
+
+
+def test_a_start_in_a_fleet_slot_names_the_slot_not_the_single_port() -> None:
+    busy = pickle.loads(pickle.dumps(SwitchInProgress("fleet-a", "slot 3 on node n2")))
+    assert busy.message == "'fleet-a' is starting or stopping in slot 3 on node n2; retry in 5 s"
+    assert (busy.target, busy.where, busy.exit_code) == ("fleet-a", "slot 3 on node n2", SwitchInProgress.exit_code)
+    assert SwitchInProgress("demo").message == "switching the single port to 'demo'; retry in 5 s"

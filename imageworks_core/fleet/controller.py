@@ -619,7 +619,7 @@ class Fleet:
                         f"{model!r} was served by node {slot.node_name}, which is lost: {slot.detail}",
                         node=slot.node_name,
                     )
-                raise SwitchInProgress(slot.name)
+                raise SwitchInProgress(slot.name, f"slot {slot.slot_id} on node {slot.node_name}")
         raise UnknownModelError(f"no slot in the fleet serves {model!r}; activate it first", name=model)
 
     def _slot_agent(self, slot: SlotInfo | str) -> tuple[SlotInfo, Any]:
@@ -697,7 +697,7 @@ def _serving(name: str, slots: Sequence[SlotInfo]) -> SlotInfo | None:
                     "activate it again to place it elsewhere",
                     node=slot.node_name,
                 )
-            raise SwitchInProgress(name)
+            raise SwitchInProgress(name, f"slot {slot.slot_id} on node {slot.node_name}")
     return None
 
 
