@@ -1,7 +1,10 @@
 """The audit log: ``logs/model_loader.log``, one JSON object per line.
 
-Events: registry_write, rollback, verify, lock, unlock, lock_violation, activation, activation_failed, stop,
-probe, probe_failure, download. Appends are single ``write`` calls on an O_APPEND file, so concurrent
+Events: registry_write, registry_reload_failed, rollback, verify, lock, unlock, lock_violation, activation,
+activation_failed, activation_cancelled, stop, probe, probe_failure, download. Fleet mode adds, in the controller's
+log: fleet_activation, fleet_stop, fleet_eviction (autoswitch made room by stopping the least recently used slot);
+and in a node's own root: fleet_idle_stop / fleet_idle_stop_failed (idle_ttl_s) and fleet_reaper (a backend
+stopped because the agent that started it is gone), beside that node's activation and stop events. Appends are single ``write`` calls on an O_APPEND file, so concurrent
 processes never interleave within a line.
 """
 
