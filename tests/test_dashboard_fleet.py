@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -50,10 +51,11 @@ PAGE_TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRig]:
+def fleet_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FleetRig, Any]]:
+    """The head, n2 (two GPUs through the fake NVML) and n3 (no GPU; only the last test uses it, and kills it)."""
     tmp = tmp_path_factory.mktemp("fleet-dashboard")
     settings = seed_root(tmp / "controller")
-    roots = {name: tmp / name for name in ("head", "n2")}
+    roots = {name: tmp / name for name in ("head", "n2", "n3")}
     for node_root in roots.values():
         shutil.copytree(REPO / "demo", node_root / "demo")
     settings.curated_path.write_text(
@@ -74,8 +76,14 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRig]:
     fake.mkdir()
     (fake / "pynvml.py").write_text(FAKE_PYNVML)
     nodes = {"n2": {"env_vars": {"PYTHONPATH": str(fake), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}}}
-    with fleet_on_loopback(settings, roots, nodes) as (rig, _cluster):
-        yield rig
+    nodes["n3"] = {}
+    with fleet_on_loopback(settings, roots, nodes) as (rig, cluster):
+        yield rig, cluster
+
+
+@pytest.fixture(scope="module")
+def rig(fleet_cluster: tuple[FleetRig, Any]) -> FleetRig:
+    return fleet_cluster[0]
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +142,22 @@ def slot_row(tab: object, slot_id: str) -> object:
 
 
 def pick(tab: object, label: str, option: str) -> None:
-    tab.get_by_role("combobox", name=label, exact=True).click()  # type: ignore[attr-defined]
-    tab.get_by_role("option", name=option, exact=True).click()  # type: ignore[attr-defined]
+    """Choose ``option`` in a select box. The page re-renders by itself when the fleet's nodes change (a node
+    dying), which closes an open list: then the list is opened again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
+
+    box = tab.get_by_role("combobox", name=label, exact=True)  # type: ignore[attr-defined]
+    for _attempt in range(5):
+        settle(tab)
+        box.click()
+        try:
+            tab.get_by_role("option", name=option, exact=True).click(timeout=5_000)  # type: ignore[attr-defined]
+            break
+        except PlaywrightTimeout:
+            continue
     settle(tab)
+    expect(box).to_have_value(option)
 
 
 @fleet_browser
@@ -247,6 +268,8 @@ def test_a_slow_start_shows_its_phase_and_a_failed_one_its_reason_until_stopped(
     expect(tab.get_by_text(re.compile(r"Starting fleet-broken on head failed: .*exited with code 3"))).to_be_visible(
         timeout=PAGE_TIMEOUT_MS
     )
+    # The backend's last log lines follow in a code block, not in the error's markdown.
+    expect(tab.get_by_test_id("stCode").filter(has_text="--crash-at-start").first).to_be_visible()
     failed = next(s for s in rig.fleet.slots() if s.name == "fleet-broken")
     row = slot_row(tab, failed.slot_id)
     expect(row).to_contain_text("failed: ")
@@ -270,3 +293,39 @@ def test_fleet_mode_without_a_cluster_says_why_and_starts_nothing(
     assert f"no Ray cluster answers at {address}" in errors or "uv sync --extra fleet" in errors
     assert at.button(key="fleet_start").disabled
     assert not at.table  # no node table without a fleet
+
+
+@fleet_browser
+def test_a_dead_nodes_slot_shows_lost_is_forgotten_and_starts_elsewhere(
+    fleet_page, fleet_cluster: tuple[FleetRig, Any], tmp_path: Path
+) -> None:
+    # Runs last: it kills n3, which no other test uses.
+    from playwright.sync_api import expect
+
+    tab = fleet_page
+    rig, cluster = fleet_cluster
+    slot = rig.fleet.activate("fleet-b", node="n3")
+    row = slot_row(tab, slot.slot_id)
+    expect(row).to_contain_text("ready", timeout=10_000)
+    n3 = next(node for node in cluster.worker_nodes if node.node_id == slot.node_id)
+    cluster.remove_node(n3, allow_graceful=False)  # raylet, its workers and our agent die at once
+    # Lost within 10 s of the kill, the row names the node; the node table says so too.
+    expect(row).to_contain_text("lost: ", timeout=10_000)
+    expect(row).to_contain_text("n3")
+    expect(row.get_by_role("button", name="Forget")).to_be_visible()
+    expect(node_row(tab, "n3")).to_contain_text(re.compile(r"is gone|is dead|did not answer"))
+    tab.screenshot(path=str(tmp_path / "fleet_lost.png"), full_page=True)
+    row.get_by_role("button", name="Forget").click()
+    expect(
+        tab.get_by_text(re.compile(rf"Forgot fleet-b \(slot {slot.slot_id} on node n3\): its node is lost"))
+    ).to_be_visible()
+    expect(row).to_have_count(0)
+    # Started again from the page, it lands on a live node.
+    pick(tab, "Model to start in the fleet", "fleet-b")
+    tab.get_by_role("button", name="Start", exact=True).click()
+    expect(tab.get_by_text(re.compile(r"fleet-b is ready on node (head|n2) \(slot "))).to_be_visible(
+        timeout=PAGE_TIMEOUT_MS
+    )
+    (moved,) = rig.fleet.slots()
+    assert (moved.name, moved.status) == ("fleet-b", "ready") and moved.node_name in ("head", "n2")
+    no_exception(tab)

@@ -301,6 +301,8 @@ def live_fleet(settings: Settings) -> None:
             st.info(start.text(), icon="⏳")
         elif start.error is not None:
             st.error(start.text())
+            if start.error_detail:
+                st.code("\n".join(start.error_detail), language=None)
         else:
             st.success(start.text())
     if view.error is not None:

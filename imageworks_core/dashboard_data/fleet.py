@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from ..errors import BackendError, ImageWorksError
 from ..settings import Settings
 from .registry_view import count_text, duration_text, service_for
+from .runs import error_lines
 
 if TYPE_CHECKING:
     from ..fleet import Fleet, NodeInfo, SlotInfo
@@ -134,7 +135,8 @@ def slot_status_text(slot: SlotInfo) -> str:
     if slot.status == "starting" and slot.phase:
         return f"starting ({slot.phase})"
     if slot.status == "failed":
-        return f"failed: {slot.error or 'see the log'}"
+        reason = (slot.error or "").strip().splitlines()
+        return f"failed: {reason[0] if reason else 'see the log'}"
     if slot.status == "lost":
         return f"lost: {slot.detail}" if slot.detail else "lost"
     return slot.status
@@ -180,6 +182,8 @@ class FleetStart:
     finished: float | None = None
     slot: SlotInfo | None = None
     error: str | None = None
+    error_detail: list[str] = field(default_factory=list)
+    """After ``error`` (its first line): the rest, e.g. the backend's last log lines (shown as a code block)."""
 
     @property
     def running(self) -> bool:
@@ -226,10 +230,9 @@ def start_in_fleet(settings: Settings, name: str, *, node: str | None = None, gp
     def work() -> None:
         try:
             start.slot = fleet.activate(name, node=chosen, gpus=gpus, on_progress=progress)
-        except ImageWorksError as exc:
-            start.error = exc.message
         except Exception as exc:  # shown on the page; the node's agent keeps the slot's own record
-            start.error = f"{type(exc).__name__}: {exc}"
+            first, *rest = "\n".join(error_lines(exc)).splitlines() or [type(exc).__name__]
+            start.error, start.error_detail = first, rest
         finally:
             start.finished = time.monotonic()
 
