@@ -5,8 +5,8 @@ fake ``pynvml`` (memory figures). The dashboard runs with ``IMAGEWORKS_RAY_ADDRE
 environment, so it joins the cluster as the operator's would. The tests read what the page shows (the node table
 with the fake NVML memory, the slot rows), start a model on a chosen node from the page, stop it from its row, see
 a model started elsewhere appear by itself, and see a refusal explained; processes and slots are checked from the
-test's own connection to the cluster. Those tests are marked both fleet and browser; one AppTest without a
-cluster checks that an unreachable address is said on the page, not raised.
+test's own connection to the cluster. They are marked both fleet and browser; the page without a cluster is
+tests/test_dashboard_fleet_offline.py (this process stays joined to the module's cluster while it runs).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from typing import Any
 
 import psutil
 import pytest
-from apptest_pages import joined
-from apptest_pages import open_page as open_app_page
 from conftest import REPO, free_port, require, seed_root, wait_for_dashboard, wait_until
 from fleet_rig import FAKE_GPUS, FAKE_PYNVML, FleetRig, demo_entry, fleet_on_loopback, marked_processes
 from test_dashboard_browser import (  # noqa: F401  (browser and page are fixtures used by name)
@@ -39,7 +37,6 @@ from test_dashboard_browser import (  # noqa: F401  (browser and page are fixtur
 )
 
 from imageworks_core.dashboard_launcher import streamlit_argv
-from imageworks_core.settings import Settings
 
 
 def fleet_browser(test):  # type: ignore[no-untyped-def]
@@ -278,21 +275,6 @@ def test_a_slow_start_shows_its_phase_and_a_failed_one_its_reason_until_stopped(
     expect(row).to_have_count(0)
     assert [s.name for s in rig.fleet.slots()] == ["fleet-slow"]
     no_exception(tab)
-
-
-def test_fleet_mode_without_a_cluster_says_why_and_starts_nothing(
-    root: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # No cluster at the address: the page says so (or names the extra where Ray is absent) instead of breaking.
-    address = f"127.0.0.1:{free_port()}"
-    monkeypatch.setenv("IMAGEWORKS_RAY_ADDRESS", address)
-    at = open_app_page("active_model")
-    assert f"Fleet mode: Ray cluster at `{address}`" in joined(at.caption)
-    errors = joined(at.error)
-    assert "The fleet cannot be read:" in errors
-    assert f"no Ray cluster answers at {address}" in errors or "uv sync --extra fleet" in errors
-    assert at.button(key="fleet_start").disabled
-    assert not at.table  # no node table without a fleet
 
 
 @fleet_browser
