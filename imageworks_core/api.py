@@ -66,8 +66,11 @@ class SelectRequest(BaseModel):
 
 
 class VerifyRequest(BaseModel):
+    """``/v1/verify``: the model; in fleet mode optionally the node whose copy to hash (as ``verify --node``)."""
+
     name: str
     fast: bool = False
+    node: str | None = None
 
 
 class ActivateRequest(BaseModel):
@@ -262,7 +265,7 @@ def create_app(
 
     @app.post("/v1/verify")
     async def verify(request: VerifyRequest) -> JSONResponse:
-        result = await asyncio.to_thread(service.verify, request.name, fast=request.fast)
+        result = await asyncio.to_thread(service.verify, request.name, fast=request.fast, node=request.node)
         data = result.to_dict()
         return JSONResponse(data, status_code=409 if result.result == "drift" else 200)
 

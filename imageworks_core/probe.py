@@ -10,6 +10,9 @@ Input images are validated before anything is sent (real image by content, size 
 decompression-bomb guard, full decode), turned upright by their EXIF orientation, converted to RGB, fitted to
 the entry's long edge and sent as a ``data:`` URL whose MIME type matches the encoded bytes. Every run is
 recorded in the history DB (sha256 and size of the image, never its bytes); a failure is also an audit event.
+
+In fleet mode the requests go to the slot serving the entry through its node's agent (a :class:`ProbeRoute` from
+``Fleet.probe_route``); the run is recorded at the controller like any other, with the node named (``node``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shlex
 import stat
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -116,6 +120,8 @@ class ProbeResult(BaseModel):
     probe_version: int = PROBE_VERSION
     timestamp: str
     error: str | None = None
+    node: str | None = None
+    """The fleet node whose slot was probed (None: this box's single port or a remote endpoint)."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -143,7 +149,7 @@ class ProbeResult(BaseModel):
             f"prompt_tokens: {scalar(self.prompt_tokens)}",
             f"control_prompt_tokens: {scalar(self.control_prompt_tokens)}",
             f"model: {self.model}",
-            f"endpoint: {self.endpoint}",
+            f"endpoint: {self.endpoint}" + (f" (on node {self.node})" if self.node else ""),
             f"image: {image.name} {image.original_size[0]}x{image.original_size[1]} -> "
             f"{image.sent_size[0]}x{image.sent_size[1]} {image.mime} sha256 {image.sha256}",
             f"probe_version: {self.probe_version}",
@@ -187,8 +193,15 @@ _DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decode")
 adding up, and the decoder's large blocks are reused from one malloc arena instead of one per request thread."""
 _STRIP_BYTES = 4 << 20
 """Rows are shrunk a strip of about this many bytes at a time (the premultiplied copy Pillow makes is per strip)."""
-_TRANSPOSE_FOR_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
-                              6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
 """EXIF orientation -> the transpose that makes the image upright (as ``ImageOps.exif_transpose`` does)."""
 
 
@@ -348,7 +361,9 @@ def _read_image_file(path: Path) -> bytes:
             chunks.append(chunk)
             total += len(chunk)
             if total > MAX_IMAGE_BYTES:
-                raise UsageError(f"image {path.name}: more than {MAX_IMAGE_BYTES} bytes is over the {limit_mib} MiB limit")
+                raise UsageError(
+                    f"image {path.name}: more than {MAX_IMAGE_BYTES} bytes is over the {limit_mib} MiB limit"
+                )
         return b"".join(chunks)
     except OSError as exc:
         raise UsageError(f"image {path}: cannot read ({exc.strerror or exc})") from None
@@ -368,6 +383,20 @@ def match_canonical_content(text: str) -> list[str]:
 
 
 # Target resolution -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeRoute:
+    """Where a probe's requests go: ``endpoint`` (an OpenAI base URL), the ``transport`` that carries them (None:
+    a direct connection) and the fleet ``node`` serving the entry (None on one box)."""
+
+    endpoint: str
+    transport: httpx.BaseTransport | None = None
+    node: str | None = None
+
+
+Router = Callable[[ModelEntry, bool], ProbeRoute]
+"""(entry, activate) -> its route: how fleet mode reaches a process-backed entry's slot."""
+
+
 def activate_command(name: str) -> str:
     """The exact shell command that activates ``name`` (quoted: names may contain parentheses)."""
     return f"imageworks-models activate-model {shlex.quote(name)}"
@@ -500,6 +529,7 @@ def probe_vision(
     timeout_s: float | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     registry: Registry | None = None,
+    router: Router | None = None,
 ) -> ProbeResult:
     """Probe whether ``name`` really sees an image; the run is recorded in history (and audited when failed).
 
@@ -508,6 +538,9 @@ def probe_vision(
     (nothing sent or recorded), UnknownModelError for an unknown name, ProbeError when a process-backed entry is
     not the active backend and ``activate`` is false, BackendError when activation fails. Network and protocol
     failures do not raise: they give ``vision_ok=False`` with a one-line ``error``.
+
+    ``router`` (fleet mode) finds a process-backed entry's slot instead of the single port; its errors
+    (ProbeError when it runs nowhere, SlotLost for a lost node) pass through, and nothing is recorded then.
     """
     timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     if timeout <= 0:
@@ -528,7 +561,11 @@ def probe_vision(
     else:
         prepared = prepare_image(canonical_image_bytes(), CANONICAL_IMAGE_NAME, target, max_pixels=pixels)
 
-    endpoint = _resolve_endpoint(settings, entry, activate, registry)
+    if router is not None and entry.backend is not None and entry.is_process_backend:
+        route = router(entry, activate)
+    else:
+        route = ProbeRoute(_resolve_endpoint(settings, entry, activate, registry))
+    endpoint = route.endpoint
     url = f"{endpoint}/chat/completions"
     model = entry.effective_served_id
     image_payload = {
@@ -560,9 +597,11 @@ def probe_vision(
         image=prepared.info,
         expected=list(CANONICAL_CONTENT) if canonical else [],
         timestamp=history.now_iso(),
+        node=route.node,
     )
     headers = auth_headers(entry)
-    with httpx.Client(timeout=httpx.Timeout(timeout)) as client:
+    where = {"node": route.node} if route.node else {}
+    with httpx.Client(timeout=httpx.Timeout(timeout), transport=route.transport) as client:
         started = time.perf_counter()
         try:
             reply = _post_chat(client, url, image_payload, headers)
@@ -585,9 +624,11 @@ def probe_vision(
 
     history.record_probe(settings, entry.name, result.to_dict())
     if result.vision_ok:
-        audit.log_event(settings, "probe", name=entry.name, vision_ok=True, grounded=result.grounded, endpoint=endpoint)
+        audit.log_event(
+            settings, "probe", name=entry.name, vision_ok=True, grounded=result.grounded, endpoint=endpoint, **where
+        )
     else:
-        audit.log_event(settings, "probe_failure", name=entry.name, error=result.error, endpoint=endpoint)
+        audit.log_event(settings, "probe_failure", name=entry.name, error=result.error, endpoint=endpoint, **where)
     return result
 
 

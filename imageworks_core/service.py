@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the actions import httpx, Pillow and psutil on use: listing
     from .fleet import Fleet
     from .hashing import Algorithm, ProgressCallback
     from .legacy import ImportReport
-    from .probe import ProbeResult
+    from .probe import ProbeResult, ProbeRoute
     from .runtime import ActivationProgress as ActivationInProgress
     from .runtime import ActiveState, ActiveStatus, StopResult
     from .runtime import ProgressCallback as ActivationProgress
@@ -133,6 +133,8 @@ class ImageWorks:
       long-running front end), :meth:`activation` (the start in progress, any process's), :meth:`current`,
       :meth:`stop` (also cancels a start in progress).
     - Probing: :meth:`probe`.
+    - In fleet mode (:attr:`fleet`): :meth:`verify` with ``node`` hashes a node's copy, :meth:`probe` reaches the
+      slot serving the entry; both are recorded here, naming the node.
     - Registry edits: :meth:`preview_entry`, :meth:`save_entry`, :meth:`save_entries`, :meth:`remove_entry`,
       :meth:`revision_diff`, :meth:`rollback`, :meth:`import_legacy`.
     - New weights: :meth:`download` (from the Hub, verified) and :meth:`scan` (a folder already on disk,
@@ -308,10 +310,21 @@ class ImageWorks:
         fast: bool = False,
         algorithm: Algorithm | None = None,
         progress: ProgressCallback | None = None,
+        node: str | None = None,
     ) -> VerifyResult:
-        """Hash the entry's weights and compare with its lock (recorded in history; never raises on drift)."""
+        """Hash the entry's weights and compare with its lock (recorded in history; never raises on drift).
+
+        ``node`` (fleet mode): hash that node's copy instead of this root's (``"auto"``: the node serving the
+        entry, else the least loaded node holding its weights; see :meth:`Fleet.verify`), recorded here with the
+        node named. UsageError (exit 64) when fleet mode is off."""
         from .verification import verify_entry
 
+        if node is not None:
+            fleet = self.fleet
+            if fleet is None:
+                raise UsageError("--node needs fleet mode: set IMAGEWORKS_RAY_ADDRESS or pass --ray-address")
+            chosen = None if node == "auto" else node
+            return fleet.verify(self.registry.get(name).name, node=chosen, fast=fast, algorithm=algorithm)
         return verify_entry(
             self.settings, name, fast=fast, algorithm=algorithm, progress=progress, registry=self.registry
         )
@@ -392,9 +405,18 @@ class ImageWorks:
         return runtime.current(self.settings, check_health=check_health)
 
     def probe(self, name: str, image_path: Any = None, **options: Any) -> ProbeResult:
-        """Prove the entry really sees (see :func:`imageworks_core.probe.probe_vision` for ``options``)."""
+        """Prove the entry really sees (see :func:`imageworks_core.probe.probe_vision` for ``options``). In fleet
+        mode a process-backed entry is probed in the slot serving it, through its node's agent (recorded here)."""
         from .probe import probe_vision
 
+        if self.fleet_address is not None:  # joined on use: a bad image is refused before any cluster is asked
+
+            def router(entry: ModelEntry, activate: bool) -> ProbeRoute:
+                fleet = self.fleet
+                assert fleet is not None  # fleet_address is set
+                return fleet.probe_route(entry.name, activate=activate)
+
+            options["router"] = router
         return probe_vision(self.settings, name, image_path, registry=self.registry, **options)
 
     def preview_entry(self, name: str, changes: dict[str, Any], *, create: bool = False) -> LayerChange:

@@ -62,6 +62,8 @@ class VerifyResult(BaseModel):
     report: DriftReport | None = None
     lock_file: str | None = None
     notes: list[str] = Field(default_factory=list)
+    node: str | None = None
+    """The fleet node whose copy was hashed (None: this box's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -69,8 +71,9 @@ class VerifyResult(BaseModel):
     def format_text(self) -> str:
         """The CLI's report."""
         rate = self.bytes_read / self.duration_s / 1e6 if self.duration_s > 0 else 0.0
+        where = f" on node {self.node}" if self.node else ""
         lines = [
-            f"{self.name}: {self.mode} verification ({self.algorithm}) of {self.directory}",
+            f"{self.name}: {self.mode} verification ({self.algorithm}) of {self.directory}{where}",
             f"  {self.file_count} files, {self.total_bytes:,} bytes; read {self.bytes_read:,} bytes "
             f"in {self.duration_s:.2f} s ({rate:,.0f} MB/s)",
         ]
@@ -138,7 +141,23 @@ def verify_entry(
 ) -> VerifyResult:
     """Hash the entry's weights and compare with its lock; record the run. Never raises on drift."""
     registry = registry or load_registry(settings=settings)
-    entry = registry.get(name)
+    verify = verify_weights(settings, registry.get(name), fast=fast, algorithm=algorithm, progress=progress)
+    record_verification(settings, verify)
+    return verify
+
+
+def verify_weights(
+    settings: Settings,
+    entry: ModelEntry,
+    *,
+    fast: bool = False,
+    algorithm: Algorithm | None = None,
+    progress: ProgressCallback | None = None,
+    manifest_file: Path | None = None,
+) -> VerifyResult:
+    """Hash ``entry``'s weights under ``settings``' root and compare with its lock; records nothing (the stat
+    cache of fast mode excepted). ``manifest_file``: where the lock manifest is (default: the entry's own,
+    :func:`~imageworks_core.registry.lock_file_path`). Never raises on drift."""
     directory = weights_dir(settings, entry)
     lock = entry.version_lock
     expected = lock.expected_aggregate_sha256 if lock else None
@@ -149,7 +168,8 @@ def verify_entry(
     key = str(directory.resolve())
     cache = history.stat_entries(settings, key, algo) if fast else None
     notes: list[str] = []
-    manifest_file = lock_file_path(settings, entry) if expected else None
+    if expected and manifest_file is None:
+        manifest_file = lock_file_path(settings, entry)
     expected_manifest, manifest_notes = (
         _read_lock_manifest(manifest_file, expected) if expected and manifest_file else (None, [])
     )
@@ -205,12 +225,15 @@ def verify_entry(
         lock_file=str(manifest_file) if manifest_file else None,
         notes=notes,
     )
-    _record(settings, verify)
     return verify
 
 
-def _record(settings: Settings, verify: VerifyResult) -> None:
+def record_verification(settings: Settings, verify: VerifyResult) -> None:
+    """Record a run in ``settings``' history DB and audit log (a fleet node's run at the controller: the node is
+    kept in the history row's report JSON and named in the audit lines)."""
     actor = audit.current_actor(settings)
+    where = {"node": verify.node} if verify.node else {}
+    report = verify.report.to_dict() if verify.report else None
     history.record_verification(
         settings,
         name=verify.name,
@@ -222,11 +245,17 @@ def _record(settings: Settings, verify: VerifyResult) -> None:
         result=verify.result,
         aggregate=verify.aggregate,
         expected=verify.expected,
-        report=verify.report.to_dict() if verify.report else None,
+        report={**(report or {}), **where} if where else report,
         actor=actor,
     )
     audit.log_event(
-        settings, "verify", name=verify.name, mode=verify.mode, result=verify.result, aggregate=verify.aggregate
+        settings,
+        "verify",
+        name=verify.name,
+        mode=verify.mode,
+        result=verify.result,
+        aggregate=verify.aggregate,
+        **where,
     )
     if verify.result == "drift" and verify.locked:
         report = verify.report
@@ -236,7 +265,13 @@ def _record(settings: Settings, verify: VerifyResult) -> None:
             else []
         )
         audit.log_event(
-            settings, "lock_violation", name=verify.name, files=files, expected=verify.expected, actual=verify.aggregate
+            settings,
+            "lock_violation",
+            name=verify.name,
+            files=files,
+            expected=verify.expected,
+            actual=verify.aggregate,
+            **where,
         )
 
 
@@ -348,7 +383,7 @@ def lock_entry(
         duration_s=manifest.duration_s,
         lock_file=str(path),
     )
-    _record(settings, verify)
+    record_verification(settings, verify)
     return verify
 
 

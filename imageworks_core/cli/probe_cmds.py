@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_BACKEND
-from .app import JsonOpt, RootOpt, app, echo_json, service_for
+from .app import JsonOpt, RootOpt, app, echo_json
+from .fleet_cmds import RayAddressOpt, service_with_fleet
 
 
 @app.command("probe-vision")
@@ -27,12 +28,16 @@ def probe_vision_cmd(
         int | None, typer.Option("--max-tokens", help="Answer budget; reasoning models need room [default: 256].")
     ] = None,
     as_json: JsonOpt = False,
+    ray_address: RayAddressOpt = None,
     root: RootOpt = None,
 ) -> None:
-    """Prove a model really sees: send an image, check the answer (exit 0 vision_ok, 6 failed, 64 bad image)."""
+    """Prove a model really sees: send an image, check the answer (exit 0 vision_ok, 6 failed, 64 bad image).
+
+    In fleet mode a model ImageWorks starts is probed in the slot serving it, through its node's agent (exit 8
+    naming the node when that node is lost); --activate places it first when it runs nowhere."""
     from ..probe import DEFAULT_MAX_TOKENS  # imported on use: httpx and Pillow are slow to import
 
-    result = service_for(root).probe(
+    result = service_with_fleet(root, ray_address).probe(
         name,
         image,
         activate=activate,

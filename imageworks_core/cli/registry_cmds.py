@@ -141,16 +141,26 @@ def show_cmd(
     typer.echo(f"weights: {extra['weights']}")
     verification = extra["last_verification"]
     typer.echo(
-        f"last verification: {verification['result']} at {verification['at']}"
+        f"last verification: {verification['result']} at {verification['at']}{_on_node(verification)}"
         if verification
         else "last verification: never"
     )
     probe = extra["last_probe"]
     typer.echo(
         f"last probe: vision_ok={bool(probe['vision_ok'])} grounded={probe['grounded']} at {probe['at']}"
+        f"{_on_node(probe)}"
         if probe
         else "last probe: never"
     )
+
+
+def _on_node(row: dict[str, Any]) -> str:
+    """' on node N' for a history row of a fleet node's verification or probe (the node is kept in its JSON)."""
+    try:
+        node = json.loads(row.get("report_json") or row.get("result_json") or "{}").get("node")
+    except (ValueError, AttributeError):
+        return ""
+    return f" on node {node}" if node else ""
 
 
 @app.command("validate")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .app import JsonOpt, RootOpt, app, echo_json, service_for
+from .fleet_cmds import RayAddressOpt, service_with_fleet
 
 AlgorithmOpt = Annotated[
     str | None, typer.Option("--algorithm", help="sha256 (default; equals HF LFS sha256) or blake3.")
@@ -53,13 +54,31 @@ def verify_cmd(
         bool, typer.Option("--fast", help="Re-hash only files whose size/mtime/ctime/inode changed.")
     ] = False,
     algorithm: AlgorithmOpt = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            help="Fleet mode: verify that node's copy (name or id; 'auto': the node serving it, else the least "
+            "loaded node holding its weights). Without it, this root's copy is verified.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
+    ray_address: RayAddressOpt = None,
     root: RootOpt = None,
 ) -> None:
-    """Hash the entry's weights and compare with its lock (exit 0 match/unpinned, 2 drift, 7 missing)."""
-    bar = ProgressBar(f"verify {name}")
+    """Hash the entry's weights and compare with its lock (exit 0 match/unpinned, 2 drift, 7 missing).
+
+    In fleet mode --node verifies a node's copy against this root's lock (recorded here, naming the node;
+    exit 8 when the node is unknown or lost); --node without fleet mode exits 64."""
+    bar = ProgressBar(f"verify {name}" + (f" on node {node}" if node else ""))
     try:
-        result = service_for(root).verify(name, fast=fast, algorithm=_algorithm(algorithm), progress=bar)  # type: ignore[arg-type]
+        result = service_with_fleet(root, ray_address).verify(
+            name,
+            fast=fast,
+            algorithm=_algorithm(algorithm),  # type: ignore[arg-type]
+            progress=bar,
+            node=node,
+        )
     finally:
         bar.close()
     if as_json:

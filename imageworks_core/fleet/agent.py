@@ -7,6 +7,10 @@ Every start, stop, status and health check is the single-port runtime's own (:mo
 run per slot with the slot's own state file, activation lock, logs and port (:mod:`imageworks_core.runtime.slot`)
 under this node's root: the lock check hashes this node's files, so the bytes that load are the bytes verified.
 
+Verification (:meth:`NodeAgent.verify`) hashes this node's copy of an entry's weights against the manifest the
+controller sends and returns the report; the controller records it (this node's history keeps only the stat
+cache of fast mode). Probes need nothing of their own here: they are requests forwarded to a slot.
+
 Slots and GPUs are allocated under one lock, so two controllers placing at once can never give one GPU or one
 slot of room twice; the start itself runs outside it (the actor is threaded), so status calls answer while a
 model loads. ``max_models`` is checked here, with the value the controller's config gives for this node.
@@ -40,7 +44,7 @@ from ..registry import Registry
 from ..runtime.gpu_fit import tensor_parallel_size
 from ..runtime.slot import SlotSettings, slot_settings
 from ..schema import ModelEntry
-from ..settings import get_settings
+from ..settings import get_settings, slugify
 from . import forward as relay
 from . import reaper
 from .cluster import DIRECTORY_NAME, NAMESPACE
@@ -208,6 +212,49 @@ class NodeAgent:
             overhead_factor=self.settings.gpu_overhead_factor,
             serving=serving,
         ).model_dump(mode="json")
+
+    def verify(
+        self,
+        entry_data: dict[str, Any],
+        *,
+        manifest: str | None = None,
+        manifest_label: str | None = None,
+        fast: bool = False,
+        algorithm: str | None = None,
+    ) -> dict[str, Any]:
+        """Verify this node's copy of the entry's weights (its ``download_path`` already mapped for this node)
+        against ``manifest`` (the controller's lock manifest text; None for a pinned entry whose manifest is
+        missing there, which is drift, as on one box) and return the VerifyResult (a dict, ``node`` set).
+
+        ``manifest_label`` (the controller's path of the manifest) replaces this node's copy's path in the notes.
+        Concurrent verifications of one entry each get their own copy of the manifest."""
+        from ..verification import verify_weights
+
+        entry = ModelEntry.model_validate(entry_data)
+        copy = self.dir / "verify" / f"{slugify(entry.name)}-{uuid.uuid4().hex[:8]}.manifest.json"
+        if manifest is not None:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(manifest, encoding="utf-8")
+        try:
+            result = verify_weights(
+                self.settings,
+                entry,
+                fast=fast,
+                algorithm=algorithm,  # type: ignore[arg-type]
+                manifest_file=copy,
+            )
+        finally:
+            copy.unlink(missing_ok=True)
+        label = manifest_label or str(copy)
+        notes = [n.replace(str(copy), label) for n in result.notes]
+        report = result.report
+        if report is not None:
+            report = report.model_copy(update={"notes": [n.replace(str(copy), label) for n in report.notes]})
+        lock_file = label if result.lock_file else None
+        result = result.model_copy(
+            update={"node": self.node_name, "notes": notes, "report": report, "lock_file": lock_file}
+        )
+        return result.to_dict()
 
     # Slots -----------------------------------------------------------------------------------------------
     def _allocate(self, entry: ModelEntry, gpus: list[int], members: dict[str, list[int]], max_models: int) -> _Slot:

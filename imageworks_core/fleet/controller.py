@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit import log_event
 from ..errors import (
@@ -24,6 +24,7 @@ from ..errors import (
     FleetError,
     ImageWorksError,
     PlacementError,
+    ProbeError,
     SlotLost,
     SwitchInProgress,
     UnknownModelError,
@@ -34,9 +35,13 @@ from ..settings import Settings
 from ..upstream import endpoint_for
 from . import cluster
 from .config import FleetConfig, load_fleet_config, node_download_path, ray_address
-from .forward import FORWARD_TIMEOUT_S, ForwardResponse
-from .placement import NodeOffer, Placement, place, place_evicting
+from .forward import FORWARD_TIMEOUT_S, AgentTransport, ForwardResponse
+from .placement import NodeOffer, Placement, place, place_evicting, verifier
 from .slots import GpuSlotView, NodeInfo, SlotInfo
+
+if TYPE_CHECKING:  # httpx, Pillow: imported on use
+    from ..probe import ProbeRoute
+    from ..verification import VerifyResult
 
 AGENT_CALL_TIMEOUT_S = 3.0
 """A status, offer or stop-of-nothing call to an agent; no answer within it means the node is lost."""
@@ -52,6 +57,9 @@ STOP_CALL_TIMEOUT_S = 300.0
 SILENT_MEMORY_S = 10.0
 """An agent that did not answer is taken as lost, without asking it again, for this long (so one dead node costs
 one timeout, not one per call)."""
+VERIFY_CALL_TIMEOUT_S = 6 * 3600.0
+"""A verification on a node: a full read of the largest weights at disk speed (a node that dies meanwhile is
+SlotLost at once, not after this)."""
 PROGRESS_POLL_S = 0.5
 """While a start runs: how often the leader's slot is asked for its phase (for ``on_progress``)."""
 
@@ -487,6 +495,59 @@ class Fleet:
         for slot in self._slots(rows, tables, False):
             if slot.name == name and slot.status == "lost":
                 directory.forget.remote(slot.node_id, [slot.slot_id])
+
+    # Verify and probe ------------------------------------------------------------------------------------
+    def verify(
+        self, name: str, *, node: str | None = None, fast: bool = False, algorithm: str | None = None
+    ) -> VerifyResult:
+        """Verify a node's copy of ``name``'s weights (its path mapped through the node's ``download_location``)
+        against this root's lock manifest, and record the result here (history and audit, naming the node).
+
+        ``node``: a node name or id; None: the node serving ``name``, else the least loaded node holding its
+        weights (:func:`~.placement.verifier`). Never raises on drift (``result`` says it, as on one box);
+        PlacementError for an unknown node, WeightsError when the weights are not there, SlotLost when the node
+        is lost meanwhile."""
+        from ..verification import VerifyResult, record_verification
+
+        entry = self._registry().get(name)
+        config = self.config()
+        offers, agents = self._offers(entry, config)
+        chosen = verifier(entry.name, offers, node=node)
+        pinned = entry.version_lock is not None and bool(entry.version_lock.expected_aggregate_sha256)
+        ref = agents[chosen.node_id].verify.remote(
+            self._node_entry(entry, chosen.node_name, config),
+            manifest=_manifest_text(self.settings, entry),
+            manifest_label=str(lock_file_path(self.settings, entry)) if pinned else None,
+            fast=fast,
+            algorithm=algorithm,
+        )
+        result = VerifyResult.model_validate(self._call(ref, VERIFY_CALL_TIMEOUT_S, chosen.node_name))
+        record_verification(self.settings, result)
+        return result
+
+    def probe_route(self, name: str, *, activate: bool = False) -> ProbeRoute:
+        """Where a vision probe of ``name`` goes: the slot serving it, through its node's agent (activated first,
+        placed as :meth:`activate` places, when ``activate``). ProbeError when it runs nowhere; SlotLost (naming
+        the node) when its node is lost; SwitchInProgress while it starts or stops."""
+        from ..probe import ProbeRoute, activate_command
+
+        entry = self._entry(name)
+        slot = self.activate(entry.name) if activate else _serving(entry.name, self.slots())
+        if slot is None:
+            summary = f"{entry.name!r} runs nowhere in the fleet"
+            raise ProbeError(
+                f"{summary}; activate it first: {activate_command(entry.name)} (or rerun the probe with --activate)",
+                inactive=entry.name,
+                summary=summary,
+            )
+        served = slot
+
+        def send(method: str, path: str, headers: list[tuple[str, str]], body: bytes, timeout_s: float) -> Any:
+            return self.forward(served, method, path, headers=headers, body=body, timeout_s=timeout_s)
+
+        return ProbeRoute(
+            endpoint=f"http://127.0.0.1:{slot.port}/v1", transport=AgentTransport(send), node=slot.node_name
+        )
 
     # Autoswitch -------------------------------------------------------------------------------------------
     def autoswitch(self, name: str, *, timeout_s: float | None = None) -> SlotInfo:

@@ -5,6 +5,9 @@ to make the request on that node's loopback and hand back the answer (:func:`req
 as they come (:func:`stream`, for ``stream: true``). So no backend port is ever reachable from the network,
 and every request the fleet serves has passed the API's own checks (Host, Origin, token, body limits) first.
 
+On the controller's side, :class:`AgentTransport` lets an ordinary ``httpx.Client`` (the vision probe's) talk to
+a slot's backend this way.
+
 Adversary: whoever can call Ray in the cluster can call the agent, and so every backend (see the package
 docstring: the Ray cluster itself is the trust boundary). Hop-by-hop headers and ``Host`` are not forwarded.
 """
@@ -12,7 +15,7 @@ docstring: the Ray cluster itself is the trust boundary). Hop-by-hop headers and
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import httpx
 from pydantic import BaseModel, Field
@@ -107,3 +110,28 @@ def stream(
             yield from answer.iter_raw()
     except httpx.HTTPError as exc:
         yield ForwardResponse(status=502, body=f"backend on port {port} did not answer: {exc}".encode())
+
+
+Send = Callable[[str, str, list[tuple[str, str]], bytes, float], ForwardResponse]
+"""(method, path with query, headers, body, timeout in seconds) -> the backend's answer: a slot's forward."""
+
+
+class AgentTransport(httpx.BaseTransport):
+    """An httpx transport whose requests are made by a slot's node agent (``send``: the controller's
+    ``Fleet.forward`` bound to the slot), so a client on the controller reaches a backend on its node's loopback.
+
+    The request's host and port are not used (the agent knows its slot's port). ``Accept-Encoding`` is not sent:
+    the agent hands back decoded bodies. A backend that does not answer (the agent's 502 without headers) is an
+    ``httpx.ConnectError``, as a direct connection would be; a lost node is the controller's SlotLost."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {}).get("read") or FORWARD_TIMEOUT_S
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "accept-encoding"]
+        path = request.url.raw_path.decode("ascii")
+        answer = self._send(request.method, path, headers, request.read(), float(timeout))
+        if answer.status == 502 and not answer.headers:
+            raise httpx.ConnectError(answer.body.decode("utf-8", "replace"), request=request)
+        return httpx.Response(answer.status, headers=answer.headers, content=answer.body, request=request)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
-from ..errors import PlacementError
+from ..errors import PlacementError, WeightsError
 from .slots import SlotInfo, choose_gpus
 
 RAY_EXECUTOR_BACKENDS = frozenset({"vllm"})
@@ -130,6 +130,34 @@ def _refusal(offer: NodeOffer) -> str | None:
     return None
 
 
+def named(offers: Sequence[NodeOffer], node: str) -> NodeOffer:
+    """The offer of node ``node`` (a name, an id, or an id prefix of 6+ characters); PlacementError when no alive
+    node, or more than one, answers to it."""
+    pool = [o for o in offers if node in (o.node_name, o.node_id) or (len(node) >= 6 and o.node_id.startswith(node))]
+    if not pool:
+        known = ", ".join(sorted(o.node_name for o in offers))
+        raise PlacementError(f"no alive node named {node!r} (alive: {known}); see `imageworks-models fleet`")
+    if len(pool) > 1:
+        ids = ", ".join(o.node_id[:12] for o in pool)
+        raise PlacementError(f"{len(pool)} alive nodes are named {node!r}; give a node id instead ({ids})")
+    return pool[0]
+
+
+def verifier(name: str, offers: Sequence[NodeOffer], *, node: str | None = None) -> NodeOffer:
+    """The node that verifies entry ``name``'s weights: ``node`` when given; else the node serving it; else the
+    least loaded node holding its weights (as :func:`place` ranks them, room or not: hashing needs no slot).
+    WeightsError (exit 7) when no alive node holds them, with where each node looked."""
+    if node is not None:
+        return named(offers, node)
+    for pool in ([o for o in offers if o.serving], [o for o in offers if o.weights_present]):
+        if pool:
+            return min(pool, key=_load_key)
+    if not offers:
+        raise PlacementError(f"no alive node in the fleet can verify {name!r}")
+    where = "; ".join(f"{o.node_name}: {_refusal(o)}" for o in sorted(offers, key=lambda o: o.node_name))
+    raise WeightsError(f"no alive node holds the weights of {name!r} ({where})")
+
+
 def place(
     name: str,
     backend: str | None,
@@ -145,17 +173,7 @@ def place(
         raise PlacementError(f"--gpus must be 0 or more, not {gpus}")
     if not offers:
         raise PlacementError(f"no alive node in the fleet can take {name!r}")
-    pool = list(offers)
-    if node is not None:
-        pool = [
-            o for o in offers if node in (o.node_name, o.node_id) or (len(node) >= 6 and o.node_id.startswith(node))
-        ]
-        if not pool:
-            known = ", ".join(sorted(o.node_name for o in offers))
-            raise PlacementError(f"no alive node named {node!r} (alive: {known}); see `imageworks-models fleet`")
-        if len(pool) > 1:
-            ids = ", ".join(o.node_id[:12] for o in pool)
-            raise PlacementError(f"{len(pool)} alive nodes are named {node!r}; give a node id instead ({ids})")
+    pool = [named(offers, node)] if node is not None else list(offers)
     reasons: dict[str, str] = {}
     fits: list[tuple[NodeOffer, list[int]]] = []
     for offer in pool:
