@@ -163,6 +163,7 @@ def test_the_lock_check_runs_on_the_serving_node(fleet_rig: FleetRig, cli) -> No
         refused = cli(*fleet_rig.cli_args("activate-model", "fleet-locked", "--node", "n2"))
         assert refused.code == 2
         assert "'fleet-locked' is locked and its weights failed fast verification (drift" in refused.err
+        assert "inspect with `imageworks-models verify fleet-locked --node n2`" in refused.err  # n2's copy drifted
         assert fleet_rig.fleet.slots() == []  # a refusal leaves no slot behind
         served = fleet_rig.fleet.activate("fleet-locked", node="head")
         assert (served.node_name, served.status) == ("head", "ready")

@@ -284,7 +284,7 @@ class NodeAgent:
             directory / SLOT_FILE,
             {"slot_id": slot_id, "port": port, "gpus": gpus, "name": entry.name, "logs_dir": str(logs)},
         )
-        slot = _Slot(slot_id, entry, slot_settings(self.settings, directory, logs, port), list(gpus), members)
+        slot = _Slot(slot_id, entry, slot_settings(self.settings, directory, logs, port, self.node_name), list(gpus), members)
         self._slots[slot_id] = slot
         return slot
 

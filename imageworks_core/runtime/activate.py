@@ -46,6 +46,7 @@ from .lock import activation_lock, lock_wait
 from .logs import LOG_TAIL_LINES, backend_log_path, open_log, tail
 from .process import identify, processes_of, terminate
 from .readiness import check_ready, health_client, health_path, port_holder, server_root
+from .slot import SlotSettings
 from .state import ActiveState, clear_state, read_state_lenient, write_state
 
 Phase = Literal["preflight", "verify", "lock", "gpu", "stopping", "starting", "waiting", "ready", "failed"]
@@ -285,11 +286,17 @@ def _check_lock(
         _history_row(settings, entry.name, "activate", "refused", why)
         raise LockViolationError(
             f"{entry.name!r} is locked and its weights failed fast verification ({detail}); "
-            f"inspect with `imageworks-models verify {shlex.quote(entry.name)}`, or pass --force to activate anyway "
+            f"inspect with `imageworks-models verify {shlex.quote(entry.name)}{_on_node(settings)}`, or pass --force to "
+            "activate anyway "
             "(recorded as a lock violation)",
             report=result,
         )
     log_event(settings, "lock_violation", name=entry.name, action="activate", forced=True, verify_result=result.result)
+
+
+def _on_node(settings: Settings) -> str:
+    """`` --node N`` when ``settings`` are a fleet slot's (the copy that failed is that node's), else nothing."""
+    return f" --node {shlex.quote(settings.node_name)}" if isinstance(settings, SlotSettings) and settings.node_name else ""
 
 
 def _fail(settings: Settings, entry: ModelEntry, reason: str, *, pid: int | None = None, **fields: Any) -> None:

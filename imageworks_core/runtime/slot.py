@@ -30,6 +30,8 @@ class SlotSettings(Settings):
 
     slot_dir: Path
     slot_logs_dir: Path
+    node_name: str = ""
+    """The fleet node the slot runs on (named in the hints of errors a slot raises: ``verify NAME --node N``)."""
 
     @property
     def staging_dir(self) -> Path:
@@ -42,10 +44,12 @@ class SlotSettings(Settings):
         return self.slot_logs_dir
 
 
-def slot_settings(base: Settings, slot_dir: Path, logs_dir: Path, port: int) -> SlotSettings:
-    """``base`` with the slot's staging directory, log directory and port (on :data:`SLOT_HOST`)."""
+def slot_settings(base: Settings, slot_dir: Path, logs_dir: Path, port: int, node_name: str = "") -> SlotSettings:
+    """``base`` with the slot's staging directory, log directory and port (on :data:`SLOT_HOST`), on ``node_name``."""
     values = {name: getattr(base, name) for name in Settings.model_fields}
     values.update(vllm_host=SLOT_HOST, vllm_port=port)
     # model_construct: the values are already validated (and the root resolved) in ``base``; reading the
     # environment again could only make a slot disagree with the settings it came from.
-    return SlotSettings.model_construct(**values, slot_dir=Path(slot_dir), slot_logs_dir=Path(logs_dir))
+    return SlotSettings.model_construct(
+        **values, slot_dir=Path(slot_dir), slot_logs_dir=Path(logs_dir), node_name=node_name
+    )
