@@ -105,7 +105,8 @@ def _newest(settings: Settings, select: str, name: str | None, limit: int) -> li
 
 
 def _latest_per_name(settings: Settings, table: str) -> dict[str, dict[str, Any]]:
-    """The last row of every entry in ``table``, by name."""
+    """The last row of every entry in ``table``, by name, with ``node``: the fleet node it ran on (kept in the
+    row's report JSON by :meth:`imageworks_core.fleet.Fleet.verify` and fleet probes), None on this box."""
     with connect(settings) as conn:
         rows = _rows(
             conn.execute(
@@ -113,7 +114,16 @@ def _latest_per_name(settings: Settings, table: str) -> dict[str, dict[str, Any]
                 " ON t.id = last.id"
             )
         )
-    return {row["name"]: row for row in rows}
+    return {row["name"]: {**row, "node": row_node(row)} for row in rows}
+
+
+def row_node(row: dict[str, Any]) -> str | None:
+    """The fleet node a verification or probe row ran on (from its report JSON); None for this box's own."""
+    try:
+        found = json.loads(row.get("report_json") or row.get("result_json") or "{}").get("node")
+    except (ValueError, AttributeError):
+        return None
+    return str(found) if found else None
 
 
 # Registry revisions ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import pickle
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,22 @@ def test_a_start_in_a_fleet_slot_names_the_slot_not_the_single_port() -> None:
     assert busy.message == "'fleet-a' is starting or stopping in slot 3 on node n2; retry in 5 s"
     assert (busy.target, busy.where, busy.exit_code) == ("fleet-a", "slot 3 on node n2", SwitchInProgress.exit_code)
     assert SwitchInProgress("demo").message == "switching the single port to 'demo'; retry in 5 s"
+
+
+def test_a_fleet_nodes_verification_and_probe_name_the_node_in_every_front_end(tmp_path: Path) -> None:
+    from imageworks_core import history
+    from imageworks_core.dashboard_data import probe_text, verification_text
+
+    settings = get_settings(tmp_path)
+    at = "2026-12-02T10:00:00+00:00"
+    history.record_verification(
+        settings, name="m", at=at, mode="fast", algorithm="sha256", result="drift", report={"node": "n2"}
+    )
+    history.record_verification(settings, name="local", at=at, mode="fast", algorithm="sha256", result="ok")
+    history.record_probe(settings, "m", {"timestamp": at, "vision_ok": True, "node": "n3"})
+    verified, probed = history.latest_verifications(settings), history.latest_probes(settings)
+    assert (verified["m"]["node"], verified["local"]["node"], probed["m"]["node"]) == ("n2", None, "n3")
+    now = datetime(2026, 12, 2, 10, 5, tzinfo=UTC)
+    assert verification_text(verified["m"], now) == "drift on n2 · 5 min ago"
+    assert verification_text(verified["local"], now) == "ok · 5 min ago"
+    assert probe_text(probed["m"], now) == "vision_ok on n3 · 5 min ago"

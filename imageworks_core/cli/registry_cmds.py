@@ -155,12 +155,8 @@ def show_cmd(
 
 
 def _on_node(row: dict[str, Any]) -> str:
-    """' on node N' for a history row of a fleet node's verification or probe (the node is kept in its JSON)."""
-    try:
-        node = json.loads(row.get("report_json") or row.get("result_json") or "{}").get("node")
-    except (ValueError, AttributeError):
-        return ""
-    return f" on node {node}" if node else ""
+    """' on node N' for the latest verification or probe of a fleet node (history gives its ``node``)."""
+    return f" on node {row['node']}" if row.get("node") else ""
 
 
 @app.command("validate")

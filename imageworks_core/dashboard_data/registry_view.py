@@ -127,19 +127,22 @@ VERIFICATION_WORDS = {"ok": "ok", "drift": "drift", "unlocked": "hashed, no lock
 
 
 def verification_text(verification: dict[str, Any] | None, now: datetime | None = None) -> str:
-    """'ok · 5 min ago', 'drift · 1 d ago', 'hashed, no lock · just now' or 'never'."""
+    """'ok · 5 min ago', 'drift · 1 d ago', 'hashed, no lock · just now', 'drift on n2 · 1 min ago' (a fleet
+    node's copy) or 'never'."""
     if not verification:
         return "never"
     result = VERIFICATION_WORDS.get(str(verification["result"]), str(verification["result"]))
+    result += f" on {verification['node']}" if verification.get("node") else ""
     age = age_text(verification.get("at"), now)
     return f"{result} · {age}" if age else result
 
 
 def probe_text(probe: dict[str, Any] | None, now: datetime | None = None) -> str:
-    """'vision_ok · 2 h ago', 'failed · …' or 'never'."""
+    """'vision_ok · 2 h ago', 'failed · …', 'vision_ok on n2 · …' (through a fleet node) or 'never'."""
     if not probe:
         return "never"
     outcome = "vision_ok" if probe.get("vision_ok") else "failed"
+    outcome += f" on {probe['node']}" if probe.get("node") else ""
     age = age_text(probe.get("at"), now)
     return f"{outcome} · {age}" if age else outcome
 
