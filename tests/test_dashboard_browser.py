@@ -131,6 +131,13 @@ def settle(page: object) -> None:
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')  # type: ignore[attr-defined]
 
 
+def metric(page: object, label: str) -> object:
+    """The ``label`` metric as the page shows it now. While a fragment re-renders, Streamlit keeps the previous
+    element beside the new one, marked stale, for a moment: a plain locator would match both."""
+    current = page.locator('[data-testid="stElementContainer"]:not([data-stale="true"])')  # type: ignore[attr-defined]
+    return current.get_by_test_id("stMetric").filter(has_text=label)
+
+
 def open_page(page: object, dashboard: Dashboard, path: str, heading: str) -> None:
     from playwright.sync_api import expect
 
@@ -238,7 +245,7 @@ def test_active_model_panel_stops_with_confirmation_and_refreshes_by_itself(
 
     runtime.activate(dashboard.settings, DEMO_TEXT)
     open_page(page, dashboard, "active_model", "Active Model")
-    active = page.get_by_test_id("stMetric").filter(has_text="Active model")
+    active = metric(page, "Active model")
     expect(active).to_contain_text(DEMO_TEXT)
     page.get_by_role("button", name="Stop").click()
     modal = page.get_by_role("dialog")
@@ -251,7 +258,7 @@ def test_active_model_panel_stops_with_confirmation_and_refreshes_by_itself(
     # Started elsewhere (the CLI, another operator): the panel shows it without a click or a reload.
     runtime.activate(dashboard.settings, DEMO)
     expect(active).to_contain_text(DEMO, timeout=20_000)
-    expect(page.get_by_test_id("stMetric").filter(has_text="Health")).to_contain_text("healthy")
+    expect(metric(page, "Health")).to_contain_text("healthy")
     no_exception(page)
     page.screenshot(path=str(tmp_path / "active_model_running.png"), full_page=True)
 
@@ -297,7 +304,7 @@ def test_a_slow_start_is_live_in_the_page_and_cancelled_from_it(page, dashboard:
         # While it starts the page stays live: phase and elapsed time move, the status says starting.
         banner = page.get_by_text(re.compile(rf"Starting {re.escape(DEMO_TEXT)}.* · \d+ s · waiting"))
         expect(banner).to_be_visible(timeout=20_000)
-        expect(page.get_by_test_id("stMetric").filter(has_text="Status")).to_contain_text("starting")
+        expect(metric(page, "Status")).to_contain_text("starting")
         first = banner.inner_text()
         expect(banner).not_to_have_text(first, timeout=5_000)  # the elapsed time advances by itself
         expect(page.get_by_role("button", name="Start", exact=True)).to_be_disabled()
@@ -314,7 +321,7 @@ def test_a_slow_start_is_live_in_the_page_and_cancelled_from_it(page, dashboard:
             )
             time.sleep(0.05)
         expect(page.get_by_text(f"Cancelled the start of {DEMO_TEXT}")).to_be_visible()
-        expect(page.get_by_test_id("stMetric").filter(has_text="Active model")).to_contain_text("none")
+        expect(metric(page, "Active model")).to_contain_text("none")
         row = history.list_activations(dashboard.settings)[0]
         assert (row["name"], row["action"], row["result"]) == (DEMO_TEXT, "activate", "cancelled")
         expect(page.get_by_role("button", name="Start", exact=True)).to_be_enabled()
@@ -335,13 +342,13 @@ def test_a_stop_by_another_operator_shows_in_the_first_page_within_seconds(
         for tab in (first, second):
             tab.set_default_timeout(ACTION_TIMEOUT_MS)
             open_active_model(tab, dashboard)
-            expect(tab.get_by_test_id("stMetric").filter(has_text="Active model")).to_contain_text(DEMO)
+            expect(metric(tab, "Active model")).to_contain_text(DEMO)
         expect(first.get_by_text(f"{DEMO} is ready at")).to_be_visible()
         second.get_by_role("button", name="Stop").click()
         second.get_by_role("dialog").get_by_role("button", name="Confirm").click()
         expect(second.get_by_text(f"Stopped {DEMO} in")).to_be_visible()
         # The first operator clicked nothing: within a few seconds the page says not ready and offers Start.
-        expect(first.get_by_test_id("stMetric").filter(has_text="Active model")).to_contain_text("none", timeout=5_000)
+        expect(metric(first, "Active model")).to_contain_text("none", timeout=5_000)
         expect(first.get_by_text(f"{DEMO} is ready at")).to_have_count(0)
         expect(first.get_by_role("button", name="Start", exact=True)).to_be_enabled()
         expect(first.get_by_role("button", name="Stop")).to_be_disabled()
