@@ -10,7 +10,10 @@ leaks. The cluster is shared by the module; each test stops every slot when it e
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import psutil
@@ -92,6 +95,26 @@ def test_fleet_lists_every_node_with_gpus_vram_and_slots(fleet_rig: FleetRig, cl
     assert lines[0].split() == ["ID", "NAME", "ADDRESS", "ALIVE", "GPUS", "USED", "VRAM", "FREE", "SLOTS", "MODELS"]
     n2_line = next(line for line in lines if " n2 " in line)
     assert "0/2" in n2_line and "42.0/48.0 GiB" in n2_line and "0/2" in n2_line
+
+
+def test_a_separate_cli_process_joins_with_auto_and_with_the_environment(fleet_rig: FleetRig) -> None:
+    # Another process, as an operator's shell would run it: `auto` finds the cluster (Ray reads RAY_ADDRESS, as it
+    # does after `ray start` on the box), and IMAGEWORKS_RAY_ADDRESS alone turns fleet mode on.
+    base = {**os.environ, "IMAGEWORKS_ROOT": str(fleet_rig.settings.root)}
+    runs = {
+        "auto": ({**base, "RAY_ADDRESS": fleet_rig.address}, ["--ray-address", "auto"]),
+        "env": ({**base, "IMAGEWORKS_RAY_ADDRESS": fleet_rig.address}, []),
+    }
+    for how, (env, extra) in runs.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "imageworks_core.cli", "fleet", "--json", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (how, done.stderr)
+        assert {n["name"] for n in json.loads(done.stdout)} == {"head", "n2", "n3"}, how
 
 
 def test_activate_places_slots_with_their_gpus_on_loopback_and_lists_them(fleet_rig: FleetRig, cli) -> None:
