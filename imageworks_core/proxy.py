@@ -208,6 +208,9 @@ pool, so many streams never starve the API's other blocking work."""
 ROUTE_TTL_S = 1.0
 """How long a model's slot is reused without asking the fleet again (a stale route costs one retry, never an
 error: the node's agent refuses a slot that no longer serves, and the request is routed afresh)."""
+STREAM_CLOSE_WAIT_S = 30.0
+"""How long closing a fleet stream waits for a reader thread still inside ``next`` (until the backend's next
+chunk, which a generating model sends within moments)."""
 
 
 class FleetProxy:
@@ -303,10 +306,18 @@ class FleetProxy:
 
 
 def _close(chunks: Iterator[Any]) -> None:
-    try:
-        chunks.close()  # type: ignore[attr-defined]
-    except ValueError:  # still being read by a thread (the client went away mid-stream): it ends with the stream
-        pass
+    """Close a fleet stream once its response ended (its close cancels the agent's call, which then stops
+    reading the backend). A client gone mid-stream can leave a thread inside ``next`` until the next chunk
+    arrives: wait for it (at most :data:`STREAM_CLOSE_WAIT_S`) rather than leave the close to the collector."""
+    deadline = time.monotonic() + STREAM_CLOSE_WAIT_S
+    while True:
+        try:
+            chunks.close()  # type: ignore[attr-defined]
+            return
+        except ValueError:  # "generator already executing"
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
 
 def _forwarded_headers(answer: ForwardResponse) -> dict[str, str]:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -61,6 +61,7 @@ class BackendOptions:
     unhealthy: bool = False
     text_only: bool = False
     response_delay_s: float = 0.0
+    stream_delay_s: float = 0.0
     fail_chat_status: int | None = None
 
 
@@ -242,6 +243,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
+    def _send_events(self, events: Iterable[Any]) -> bool:
+        """Send each event (``--stream-delay-ms`` apart, as a model generating tokens would); False, with a log
+        line, when the client went away mid-stream (a real server then stops generating)."""
+        sent = 0
+        try:
+            for event in events:
+                if sent and self.server.options.stream_delay_s > 0:
+                    time.sleep(self.server.options.stream_delay_s)
+                self._send_event(event)
+                sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            _log(f"stream abandoned by the client after {sent} events")
+            self.close_connection = True
+            return False
+        return True
+
     def _end_stream(self) -> None:
         self._send_event(b"[DONE]")
         self.wfile.write(b"0\r\n\r\n")
@@ -334,16 +351,17 @@ class _Handler(BaseHTTPRequestHandler):
             }
 
         self._start_stream()
-        self._send_event(chunk({"role": "assistant", "content": ""}))
-        for piece in _word_pieces(reasoning):
-            self._send_event(chunk({"reasoning_content": piece}))
-        for piece in _word_pieces(content):
-            self._send_event(chunk({"content": piece}))
-        self._send_event(chunk({}, finish_reason))
+        events = [
+            chunk({"role": "assistant", "content": ""}),
+            *(chunk({"reasoning_content": piece}) for piece in _word_pieces(reasoning)),
+            *(chunk({"content": piece}) for piece in _word_pieces(content)),
+            chunk({}, finish_reason),
+        ]
         if (body.get("stream_options") or {}).get("include_usage"):
             tail = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
-            self._send_event({**tail, "choices": [], "usage": usage})
-        self._end_stream()
+            events.append({**tail, "choices": [], "usage": usage})
+        if self._send_events(events):
+            self._end_stream()
 
     def _completions(self) -> None:
         body = self._read_json()
@@ -374,12 +392,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {**completion(text, finish_reason), "usage": usage})
             return
         self._start_stream()
-        for piece in _word_pieces(text):
-            self._send_event(completion(piece, None))
-        self._send_event(completion("", finish_reason))
+        events = [*(completion(piece, None) for piece in _word_pieces(text)), completion("", finish_reason)]
         if (body.get("stream_options") or {}).get("include_usage"):
-            self._send_event({**completion("", None), "choices": [], "usage": usage})
-        self._end_stream()
+            events.append({**completion("", None), "choices": [], "usage": usage})
+        if self._send_events(events):
+            self._end_stream()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--response-delay-ms", type=int, default=0, metavar="N", help="sleep before answering completions"
     )
     faults.add_argument(
+        "--stream-delay-ms", type=int, default=0, metavar="N", help="sleep between streamed events (a slow model)"
+    )
+    faults.add_argument(
         "--fail-chat", type=int, default=None, metavar="STATUS", help="answer chat completions with this HTTP status"
     )
     return parser
@@ -435,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unhealthy=args.unhealthy,
         text_only=args.text_only,
         response_delay_s=max(0, args.response_delay_ms) / 1000,
+        stream_delay_s=max(0, args.stream_delay_ms) / 1000,
         fail_chat_status=args.fail_chat,
     )
     _log(f"starting pid={os.getpid()} pgid={os.getpgrp()} models={','.join(options.served_names)}")

@@ -35,6 +35,7 @@ from imageworks_core.fleet.slots import SlotInfo
 from imageworks_core.settings import Settings, get_settings
 
 IDLE_TTL_S = 2
+STREAM_DELAY_MS = 300  # the demo's 40 events for the prompt below then take ~12 s
 
 
 # The eviction rule, without a cluster ------------------------------------------------------------------------
@@ -178,6 +179,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     entries = [
         demo_entry("fleet-a", "fleet/a"),
         demo_entry("fleet-b", "fleet/b", model_aliases=["bee"]),
+        demo_entry("slow-stream", "fleet/slow", "--stream-delay-ms", str(STREAM_DELAY_MS)),
         *(demo_entry(f"lru-{i}", f"fleet/lru-{i}", download_path="lru-weights") for i in (1, 2, 3)),
         demo_entry("idle-a", "fleet/idle-a", download_path="idle-weights"),
         demo_entry("doomed", "fleet/doomed", download_path="n4-weights"),
@@ -275,6 +277,30 @@ def test_the_proxy_reaches_slots_on_two_nodes_and_streams_through_the_agent(api:
     stopped = httpx.post(f"{api.base}/v1/deactivate", json={"name": "fleet-a"}, timeout=60).json()["stopped"]
     assert [(s["name"], s["node_name"]) for s in stopped] == [("fleet-a", "n2")]
     assert set(api.slots()) == {"fleet-b"}
+
+
+@pytest.mark.fleet
+def test_a_client_that_drops_a_stream_ends_the_backends_request(api: Api) -> None:
+    slot = api.rig.fleet.activate("slow-stream", node="n3")
+    body = {"model": "slow-stream", "stream": True, "messages": [{"role": "user", "content": "say hello to the operator"}]}
+    with httpx.stream("POST", f"{api.base}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert next(line for line in r.iter_lines() if line).startswith("data: ")
+        assert api.slots()["slow-stream"]["requests_in_flight"] == 1
+    # The client went away after one event, ~12 s before the backend would finish: the API closes its stream,
+    # the controller cancels the agent's call, the agent closes the backend's request at its next chunk.
+    wait_until(lambda: api.slots()["slow-stream"]["requests_in_flight"] == 0, 5, "the slot to serve nothing")
+    logs = Path(slot.log_path)
+
+    def abandoned() -> str:
+        text = "".join(f.read_text(errors="replace") for f in logs.iterdir() if f.is_file())
+        return next((line for line in text.splitlines() if "stream abandoned by the client" in line), "")
+
+    wait_until(abandoned, 5, "the backend to see its client go")
+    sent = int(abandoned().rsplit("after ", 1)[1].split()[0])
+    assert sent < 20, abandoned()  # of 40: it stopped generating for nobody
+    # The slot serves the next request as usual.
+    assert api.chat("slow-stream").status_code == 200
 
 
 @pytest.mark.fleet

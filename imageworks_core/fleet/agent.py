@@ -564,11 +564,19 @@ class NodeAgent:
         body: bytes = b"",
         timeout_s: float = relay.FORWARD_TIMEOUT_S,
     ) -> Iterator[relay.ForwardResponse | bytes]:
-        """Like :meth:`forward`, yielding the head, then the body's chunks as they come."""
+        """Like :meth:`forward`, yielding the head, then the body's chunks as they come.
+
+        A reader that went away (the controller cancels this call when its client disconnects) ends the request to
+        the backend at the next chunk, so the backend stops generating for nobody and the slot is idle again."""
         slot = self._begin(slot_id)
+        parts = relay.stream(slot.settings.vllm_port, method, path, headers, body, timeout_s)
         try:
-            yield from relay.stream(slot.settings.vllm_port, method, path, headers, body, timeout_s)
+            for part in parts:
+                yield part
+                if _cancelled():
+                    break
         finally:
+            parts.close()  # closes the backend connection now, not when the generator is collected
             self._end(slot)
 
     # The directory ---------------------------------------------------------------------------------------
@@ -589,3 +597,13 @@ class NodeAgent:
             self._directory.publish.remote(self.node_id, self.node_name, table, f"{self.instance}:{sequence:012d}")
         except Exception:  # the directory died with the head: the cluster is going away
             self._directory = None
+
+
+def _cancelled() -> bool:
+    """Whether Ray was asked to cancel the call running in this thread (False outside a Ray worker)."""
+    import ray
+
+    try:
+        return bool(ray.get_runtime_context().is_canceled())
+    except RuntimeError:
+        return False

@@ -722,8 +722,14 @@ class Fleet:
         chunks = agent.forward_stream.options(num_returns="streaming").remote(
             info.slot_id, method, path, list(headers), body, timeout_s
         )
-        for ref in chunks:
-            yield self._call(ref, timeout_s + AGENT_CALL_TIMEOUT_S, info.node_name)
+        finished = False
+        try:
+            for ref in chunks:
+                yield self._call(ref, timeout_s + AGENT_CALL_TIMEOUT_S, info.node_name)
+            finished = True
+        finally:
+            if not finished:  # closed early (the client went away) or failed: the agent stops reading the backend
+                self.ray.cancel(chunks)
 
     # Shutdown --------------------------------------------------------------------------------------------
     def shutdown(self) -> list[dict[str, Any]]:
