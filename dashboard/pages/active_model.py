@@ -220,9 +220,9 @@ def controls(names: list[str] | None, view: active.ActiveView) -> None:
 # Fleet mode ------------------------------------------------------------------------------------------------------
 def _stop_slot(settings: Settings, slot_id: str) -> None:
     try:
-        st.session_state[FLEET_MESSAGE_KEY] = ("success", fleet.stop_slot(settings, slot_id))
+        st.session_state[FLEET_MESSAGE_KEY] = fleet.Notice.of("success", fleet.stop_slot(settings, slot_id))
     except Exception as exc:  # shown as an error, never a traceback
-        st.session_state[FLEET_MESSAGE_KEY] = ("error", exc)
+        st.session_state[FLEET_MESSAGE_KEY] = fleet.Notice.of("error", exc)
 
 
 def _start_in_fleet(settings: Settings) -> None:
@@ -236,7 +236,7 @@ def _start_in_fleet(settings: Settings) -> None:
             gpus=None if gpus is None else int(gpus),
         )
     except Exception as exc:  # already starting, or the cluster cannot be reached
-        st.session_state[FLEET_MESSAGE_KEY] = ("error", exc)
+        st.session_state[FLEET_MESSAGE_KEY] = fleet.Notice.of("error", exc)
 
 
 def fleet_controls(settings: Settings, names: list[str] | None, view: fleet.FleetView) -> None:
@@ -289,13 +289,12 @@ def live_fleet(settings: Settings) -> None:
     view = fleet.fleet_view(settings)
     if view.signature != st.session_state.get(FLEET_SIGNATURE_KEY):
         st.rerun(scope="app")  # the node picker must change too
-    message = st.session_state.pop(FLEET_MESSAGE_KEY, None)
-    if message is not None:
-        kind, body = message
-        if kind == "error":
-            ui.show_error(body, "Fleet action")
+    notice = st.session_state.get(FLEET_MESSAGE_KEY)
+    if notice is not None and notice.showing:  # kept for a while: a rerun in between must not swallow it
+        if notice.kind == "error":
+            ui.show_error(notice.body, "Fleet action")
         else:
-            st.success(body)
+            st.success(notice.body)
     for start in fleet.fleet_starts(settings):
         if start.running:
             st.info(start.text(), icon="⏳")

@@ -36,6 +36,27 @@ OUTCOME_SHOW_S = 120.0
 """How long a finished start stays on the page (a refusal leaves no slot behind: only this line says why)."""
 ANY_NODE = "any node (least loaded)"
 """The node picker's first choice: let placement choose."""
+NOTICE_S = 30.0
+"""How long the outcome of a Stop or Forget (or a Start that could not be asked for) stays on the page: the next
+fragment run, or the whole page re-rendering because a node joined or died, must not take it away unread."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    """The outcome of an action on the fleet page, shown until :attr:`until` (a monotonic time)."""
+
+    kind: str  # 'success' or 'error'
+    body: object  # the text, or the exception (shown as an error, never a traceback)
+    until: float
+
+    @classmethod
+    def of(cls, kind: str, body: object) -> Notice:
+        return cls(kind, body, time.monotonic() + NOTICE_S)
+
+    @property
+    def showing(self) -> bool:
+        return time.monotonic() < self.until
+
 
 _GIB = 2**30
 
