@@ -45,6 +45,7 @@ def _gib(n: int | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
+    """An uptime as ``current-model`` prints it (single port and slots alike): '2h 5m 3s', '4m 10s', '7s'."""
     if seconds is None:
         return "-"
     seconds = int(seconds)

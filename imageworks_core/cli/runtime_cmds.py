@@ -13,7 +13,7 @@ import typer
 from ..errors import UsageError
 from ..gpu import NO_GPU_MESSAGE
 from .app import JsonOpt, RootOpt, app, echo_json
-from .fleet_cmds import RayAddressOpt, gpu_list, require_fleet, service_with_fleet, slot_lines, stop_lines
+from .fleet_cmds import RayAddressOpt, duration, gpu_list, require_fleet, service_with_fleet, slot_lines, stop_lines
 
 if TYPE_CHECKING:
     from .. import runtime
@@ -63,15 +63,6 @@ class Spinner:
             line = f"{frame} {self.label} {elapsed:5.1f}s {self.phase}: {self.detail}"
             sys.stderr.write("\r\033[K" + line[:200])
             sys.stderr.flush()
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes}m {secs}s" if hours else (f"{minutes}m {secs}s" if minutes else f"{secs}s")
 
 
 def _gib(n: int | None) -> str:
@@ -197,7 +188,7 @@ def _status_lines(status: runtime.ActiveStatus) -> list[str]:
         ("status", f"{status.status} ({health})" if status.status != "failed" else "failed"),
         ("endpoint", status.base_url),
         ("pid", f"{status.pid} (process group {status.pgid})"),
-        ("uptime", _duration(status.uptime_s)),
+        ("uptime", duration(status.uptime_s)),
         ("started", status.started_at.isoformat(timespec="seconds")),
         ("log", status.log_path),
     ]
