@@ -4,14 +4,16 @@ backends carry a marker, and the processes that carry it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import require
+from conftest import free_port, require, wait_until
 
 from imageworks_core.fleet.cluster import import_ray
 from imageworks_core.settings import Settings
@@ -78,6 +80,32 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
 def nvmlDeviceGetGraphicsRunningProcesses(handle):
     return []
 """
+
+
+def fake_nvml_node(folder: Path) -> dict[str, Any]:
+    """``add_node`` arguments for a node whose workers see two fake 24 GiB GPUs (:data:`FAKE_GPUS`) through the fake
+    ``pynvml`` written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pynvml.py").write_text(FAKE_PYNVML)
+    return {"env_vars": {"PYTHONPATH": str(folder), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}}
+
+
+@contextmanager
+def api_in_thread(app: Any) -> Iterator[str]:
+    """Serve the FastAPI ``app`` with uvicorn in a thread of this process (joined to the test's cluster) on a free
+    loopback port; yields its base URL and stops it at exit."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "the API server to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def demo_entry(name: str, served: str, *flags: str, **fields: Any) -> dict[str, Any]:

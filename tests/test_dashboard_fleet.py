@@ -23,7 +23,13 @@ from typing import Any
 import psutil
 import pytest
 from conftest import REPO, free_port, require, seed_root, wait_for_dashboard, wait_until
-from fleet_rig import FAKE_GPUS, FAKE_PYNVML, FleetRig, demo_entry, fleet_on_loopback, marked_processes
+from fleet_rig import (
+    FleetRig,
+    demo_entry,
+    fake_nvml_node,
+    fleet_on_loopback,
+    marked_processes,
+)
 from test_dashboard_browser import (  # noqa: F401  (browser and page are fixtures used by name)
     CHROMIUM,
     STARTUP_TIMEOUT_S,
@@ -69,10 +75,7 @@ def fleet_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fl
     (settings.configs_dir / "fleet.json").write_text(
         json.dumps({"defaults": {"max_models": 2}, "nodes": {name: {"root": str(p)} for name, p in roots.items()}})
     )
-    fake = tmp / "fake-nvml"
-    fake.mkdir()
-    (fake / "pynvml.py").write_text(FAKE_PYNVML)
-    nodes = {"n2": {"env_vars": {"PYTHONPATH": str(fake), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}}}
+    nodes = {"n2": fake_nvml_node(tmp / "fake-nvml")}
     nodes["n3"] = {}
     with fleet_on_loopback(settings, roots, nodes) as (rig, cluster):
         yield rig, cluster

@@ -19,7 +19,14 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from conftest import REPO, seed_root, wait_until
-from fleet_rig import FAKE_GPUS, FAKE_PYNVML, GIB, FleetRig, demo_entry, fleet_on_loopback, marked_processes
+from fleet_rig import (
+    GIB,
+    FleetRig,
+    demo_entry,
+    fake_nvml_node,
+    fleet_on_loopback,
+    marked_processes,
+)
 
 from imageworks_core import verification
 
@@ -55,11 +62,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRig]:
     }
     fleet_config["nodes"]["n3"]["max_models"] = 1
     (settings.configs_dir / "fleet.json").write_text(json.dumps(fleet_config))
-    fake = tmp / "fake-nvml"
-    fake.mkdir()
-    (fake / "pynvml.py").write_text(FAKE_PYNVML)
     nodes = {
-        "n2": {"env_vars": {"PYTHONPATH": str(fake), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}},
+        "n2": fake_nvml_node(tmp / "fake-nvml"),
         "n3": {"num_gpus": 2},
     }
     with fleet_on_loopback(settings, roots, nodes) as (rig, _cluster):

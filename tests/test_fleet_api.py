@@ -26,7 +26,14 @@ import httpx
 import pytest
 from api_server import api_server
 from conftest import REPO, free_port, seed_root, wait_until
-from fleet_rig import FAKE_GPUS, FAKE_PYNVML, FleetRig, demo_entry, fleet_on_loopback, marked_processes
+from fleet_rig import (
+    FleetRig,
+    api_in_thread,
+    demo_entry,
+    fake_nvml_node,
+    fleet_on_loopback,
+    marked_processes,
+)
 
 from imageworks_core.errors import PlacementError
 from imageworks_core.fleet.config import load_fleet_config
@@ -162,8 +169,6 @@ class Api:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    import uvicorn
-
     from imageworks_core.api import create_app
 
     tmp = tmp_path_factory.mktemp("fleet-api")
@@ -189,26 +194,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     nodes_config["head"]["idle_ttl_s"] = IDLE_TTL_S
     nodes_config["n2"]["max_models"] = 2
     (settings.configs_dir / "fleet.json").write_text(json.dumps({"nodes": nodes_config}))
-    fake = tmp / "fake-nvml"
-    fake.mkdir()
-    (fake / "pynvml.py").write_text(FAKE_PYNVML)
     nodes = {
-        "n2": {"env_vars": {"PYTHONPATH": str(fake), "IMAGEWORKS_TEST_FAKE_NVML": json.dumps(FAKE_GPUS)}},
+        "n2": fake_nvml_node(tmp / "fake-nvml"),
         "n3": {"num_gpus": 2},
         "n4": {},
     }
     with fleet_on_loopback(settings, roots, nodes) as (rig, cluster):
-        app = create_app(settings, watch=False, ray_address=rig.address)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="api", daemon=True)
-        thread.start()
-        wait_until(lambda: server.started, 30, "the API server to start")
-        try:
-            yield Api(rig, cluster, f"http://127.0.0.1:{port}")
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
+        with api_in_thread(create_app(settings, watch=False, ray_address=rig.address)) as base:
+            yield Api(rig, cluster, base)
 
 
 @pytest.fixture

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, free_port, seed_root, wait_until
-from fleet_rig import FleetRig, demo_entry, fleet_on_loopback, marked_processes
+from conftest import REPO, seed_root, wait_until
+from fleet_rig import FleetRig, api_in_thread, demo_entry, fleet_on_loopback, marked_processes
 
 from imageworks_core import history, verification
 
@@ -39,8 +38,6 @@ class Ops:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
-    import uvicorn
-
     from imageworks_core.api import create_app
 
     tmp = tmp_path_factory.mktemp("fleet-ops")
@@ -65,17 +62,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     nodes_config["n2"]["locations"] = {"nas": str(nas["n2"])}
     (settings.configs_dir / "fleet.json").write_text(json.dumps({"nodes": nodes_config}))
     with fleet_on_loopback(settings, roots, {"n2": {}, "n3": {}}) as (rig, cluster):
-        app = create_app(settings, watch=False, ray_address=rig.address)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="api", daemon=True)
-        thread.start()
-        wait_until(lambda: server.started, 30, "the API server to start")
-        try:
-            yield Ops(rig, cluster, f"http://127.0.0.1:{port}", nas)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
+        with api_in_thread(create_app(settings, watch=False, ray_address=rig.address)) as base:
+            yield Ops(rig, cluster, base, nas)
 
 
 @pytest.fixture
