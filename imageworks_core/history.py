@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,6 +17,9 @@ from typing import Any
 
 from .hashing import StatCache, StatEntry
 from .settings import Settings
+
+WAL_SWITCH_WAIT_S = 30.0
+"""How long a connection retries the switch to WAL while another connection opening a new database holds it."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (
@@ -70,7 +74,7 @@ def connect(settings: Settings) -> Iterator[sqlite3.Connection]:
     conn = sqlite3.connect(settings.history_db_path, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(_SCHEMA)
         _migrate_revisions(conn)
@@ -78,6 +82,21 @@ def connect(settings: Settings) -> Iterator[sqlite3.Connection]:
         conn.commit()
     finally:
         conn.close()
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the database to WAL (persistent: a no-op once any connection did it). Connections opening a new
+    database at the same moment (the dashboard's verify thread and its page, two CLI runs) all ask; SQLite answers
+    the losers "database is locked" at once, without the busy handler, so they retry until the switch is done."""
+    deadline = time.monotonic() + WAL_SWITCH_WAIT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

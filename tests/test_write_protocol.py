@@ -281,3 +281,27 @@ def test_a_stale_re_pin_manifest_is_reported_with_its_fix(root: Settings, cli) -
         text=True,
     )
     assert result.returncode == 0 and "--set-expected" in result.stderr
+
+
+def test_connections_opening_a_new_history_db_at_once_all_get_in(tmp_path: Path) -> None:
+    # The dashboard's verify thread and its page (or two CLI runs) opening a history DB that does not exist yet:
+    # SQLite refused the losers of the switch to WAL with "database is locked" at once (seen in CI).
+    failures: list[Exception] = []
+    for attempt in range(30):
+        settings = get_settings(tmp_path / f"root-{attempt}")
+        start = threading.Barrier(6)
+
+        def open_it(settings: Settings = settings, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                with history.connect(settings) as conn:
+                    conn.execute("SELECT COUNT(*) FROM verifications").fetchone()
+            except sqlite3.OperationalError as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
